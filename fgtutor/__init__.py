@@ -1,0 +1,1 @@
+"""fgtutor: forward gradients vs backpropagation."""

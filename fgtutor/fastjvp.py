@@ -1,0 +1,184 @@
+r"""Hand-written forward-mode rules for ``nn.Sequential`` stacks: the estimator's fast path.
+
+``torch.func.jvp`` is general, but on a CPU its per-operator overhead makes a step of the
+MLP cost almost three times a backprop step. The maths is simple enough to write out, one
+rule per layer, each mapping a primal and its tangent ``(x, ẋ)`` to ``(y, ẏ)``:
+
+* Linear  :math:`y = xW^\top + b`,  :math:`\dot y = \dot x W^\top + x\dot W^\top + \dot b`
+* Conv2d  :math:`y = W * x + b`,   :math:`\dot y = W * \dot x + \dot W * x + \dot b`
+* ReLU    :math:`\dot y = \dot x \odot [x > 0]`  (the same subgradient at 0 as autograd)
+* MaxPool :math:`\dot y` = :math:`\dot x` at the arg-max of each window
+* Flatten reshapes both.
+
+The network's input carries no tangent (``ẋ = None``), so the first layer only needs
+:math:`x\dot W^\top + \dot b`: the rules skip every product with a zero tangent.
+``tests/test_fastjvp.py`` checks each rule against ``torch.func.jvp``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jvp
+
+from .losses import cross_entropy
+
+Tangent = Optional[Tensor]  # None stands for an all-zero tangent
+
+# ReLU's derivative applied in place: t ← t·[a > 0]. This is the kernel autograd itself
+# uses for ReLU's backward pass, with an out= argument so no mask tensor is allocated.
+_mask_by_positive = torch.ops.aten.threshold_backward.grad_input
+
+
+def _halves(n: int, *shape: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Two (n, *shape) views of one new (2n, *shape) buffer: primal on top, tangent below."""
+    both = torch.empty(2 * n, *shape, dtype=like.dtype, device=like.device)
+    return both[:n], both[n:]
+
+
+def _stacked(a: Tensor, t: Tensor) -> Tensor:
+    """``[a; t]`` along the batch. Free when ``a`` and ``t`` are the two halves of one
+    buffer (what ``linear`` returns), a copy otherwise."""
+    n = a.shape[0]
+    base = a._base
+    if (base is not None and t._base is base and base.is_contiguous() and base.shape[0] == 2 * n
+            and a.data_ptr() == base.data_ptr() and t.data_ptr() == base[n:].data_ptr()):
+        return base.view(2 * n, *a.shape[1:])
+    return torch.cat([a, t])
+
+
+def _affine(x: Tensor, W: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    return torch.addmm(b, x, W.t(), out=out) if b is not None else torch.mm(x, W.t(), out=out)
+
+
+def linear(layer: nn.Linear, x: Tensor, dx: Tangent, t: dict) -> tuple[Tensor, Tangent]:
+    W, b, dW, db = layer.weight, layer.bias, t.get("weight"), t.get("bias")
+    x2 = x.reshape(-1, x.shape[-1])  # addmm wants matrices; Linear acts on the last dimension
+    n, out_shape = x2.shape[0], (*x.shape[:-1], W.shape[0])
+    if dx is None:
+        if dW is None and db is None:
+            return F.linear(x, W, b), None
+        # the network's input has no tangent: ẏ = x Ẇᵀ + ḃ, written below y in one buffer
+        y, dy = _halves(n, W.shape[0], like=x)
+        _affine(x2, W, b, out=y)
+        if dW is not None:
+            _affine(x2, dW, db, out=dy)
+        else:
+            dy.copy_(db.expand_as(dy))
+        return y.view(out_shape), dy.view(out_shape)
+    # one matmul of the stacked [x; ẋ] gives x Wᵀ and ẋ Wᵀ together, reading W once
+    both = F.linear(_stacked(x2, dx.reshape(-1, dx.shape[-1])), W)
+    y, dy = both[:n], both[n:]
+    if b is not None:
+        y.add_(b)
+    if dW is not None:
+        dy.addmm_(x2, dW.t())
+    if db is not None:
+        dy.add_(db)
+    return y.view(out_shape), dy.view(out_shape)
+
+
+def conv2d(layer: nn.Conv2d, x: Tensor, dx: Tangent, t: dict) -> tuple[Tensor, Tangent]:
+    W, b, dW, db = layer.weight, layer.bias, t.get("weight"), t.get("bias")
+
+    def conv(inp: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return F.conv2d(inp, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    # three separate convolutions measured faster here than stacking [x; ẋ] along the batch
+    y = conv(x, W, b)
+    dy = conv(x, dW, db) if dW is not None else None
+    if dx is not None:
+        dy = conv(dx, W) if dy is None else dy.add_(conv(dx, W))
+    if dy is None and db is not None:
+        dy = db.view(1, -1, 1, 1).expand_as(y).clone()
+    elif dW is None and db is not None:
+        dy.add_(db.view(1, -1, 1, 1))
+    return y, dy
+
+
+def relu(layer: nn.ReLU, x: Tensor, dx: Tangent, t: dict) -> tuple[Tensor, Tangent]:
+    if dx is None:  # x may be the caller's input: leave it alone
+        return F.relu(x), None
+    # x and ẋ were made by the layers before, so both are ours to overwrite
+    y = x.clamp_min_(0)
+    return y, _mask_by_positive(dx, y, 0, grad_input=dx)  # y > 0 exactly where x > 0
+def max_pool2d(layer: nn.MaxPool2d, x: Tensor, dx: Tangent, t: dict) -> tuple[Tensor, Tangent]:
+    y, idx = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                          ceil_mode=layer.ceil_mode, return_indices=True)
+    if dx is None:
+        return y, None
+    # the indices address each (sample, channel) plane flattened, as autograd routes them
+    if dx.is_contiguous():
+        return y, dx.flatten(2).gather(2, idx.flatten(2)).view_as(y)
+    # channels-last: gather in an (N, H·W, C) view instead of copying to NCHW first
+    n, c = y.shape[:2]
+    nhwc = dx.permute(0, 2, 3, 1).reshape(n, -1, c)
+    dy = nhwc.gather(1, idx.permute(0, 2, 3, 1).reshape(n, -1, c))
+    return y, dy.view(n, *y.shape[2:], c).permute(0, 3, 1, 2)
+
+
+def flatten(layer: nn.Flatten, x: Tensor, dx: Tangent, t: dict) -> tuple[Tensor, Tangent]:
+    return layer(x), None if dx is None else layer(dx)
+
+
+RULES: dict[type, Callable] = {
+    nn.Linear: linear,
+    nn.Conv2d: conv2d,
+    nn.ReLU: relu,
+    nn.MaxPool2d: max_pool2d,
+    nn.Flatten: flatten,
+}
+
+
+def _supported(layer: nn.Module) -> bool:
+    if type(layer) not in RULES:
+        return False
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        return False
+    if isinstance(layer, nn.MaxPool2d) and layer.return_indices:
+        return False
+    return True
+
+
+def supports(model: nn.Module) -> bool:
+    """True when ``model`` is an ``nn.Sequential`` of distinct layers with a rule and no buffers.
+
+    A layer instance used twice is listed once by ``named_children``, so such a model
+    falls back to ``torch.func`` instead.
+    """
+    return (isinstance(model, nn.Sequential) and len(model) > 0
+            and len({id(m) for m in model}) == len(model)
+            and all(_supported(m) for m in model) and next(model.buffers(), None) is None)
+
+
+def sequential_jvp(model: nn.Sequential, tangents: dict, x: Tensor) -> tuple[Tensor, Tangent]:
+    """``(model(x), d model(x)[v])`` where ``tangents`` maps parameter names to ``v``.
+
+    Parameters missing from ``tangents`` (frozen ones) get a zero tangent. Run it under
+    ``torch.no_grad()``: nothing here needs autograd.
+    """
+    dx: Tangent = None
+    for name, layer in model.named_children():
+        t = {p: tangents.get(f"{name}.{p}") for p, _ in layer.named_parameters(recurse=False)}
+        x, dx = RULES[type(layer)](layer, x, dx, t)
+    return x, dx
+
+
+def cross_entropy_jvp(logits: Tensor, dlogits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Mean cross-entropy and its directional derivative
+    :math:`\frac1B\sum_b \big(\sum_k \mathrm{softmax}(z_b)_k \dot z_{bk} - \dot z_{b t_b}\big)`."""
+    log_p = F.log_softmax(logits, dim=1)
+    loss = F.nll_loss(log_p, targets)
+    dd = (log_p.exp_().mul_(dlogits).sum(1) - dlogits.gather(1, targets[:, None]).squeeze(1)).mean()
+    return loss, dd
+
+
+def loss_jvp(loss_fn: Callable, logits: Tensor, dlogits: Tangent, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Loss value and directional derivative, with the closed form for cross-entropy."""
+    if dlogits is None:  # nothing is trainable
+        return loss_fn(logits, targets), logits.new_zeros(())
+    if loss_fn is cross_entropy or loss_fn is F.cross_entropy:
+        return cross_entropy_jvp(logits, dlogits, targets)
+    return jvp(lambda z: loss_fn(z, targets), (logits,), (dlogits,))

@@ -1,0 +1,249 @@
+r"""The forward-gradient estimator (Baydin et al. 2022), on ``torch.func``.
+
+For a scalar function :math:`f(\theta)` and a random tangent :math:`v`, one forward-mode
+pass gives the value and the directional derivative :math:`f'(\theta; v) = \nabla f\cdot v`
+without a backward pass. The *forward gradient* is
+
+.. math:: g(\theta) = (\nabla f(\theta)\cdot v)\, v .
+
+It is unbiased whenever the components of :math:`v` are independent, zero-mean and of unit
+variance, because then :math:`\mathbb E[v v^\top] = I` and
+:math:`\mathbb E[g] = \mathbb E[v v^\top]\nabla f = \nabla f`. Gaussian :math:`N(0, I)` and
+Rademacher (:math:`\pm 1` with probability ½) tangents both qualify; Rademacher is cheaper
+to draw and has slightly lower variance (:math:`v_i^2 = 1` exactly). The variance grows
+with the number of parameters :math:`N`: the cosine between :math:`g` and
+:math:`\nabla f` is about :math:`1/\sqrt N`. Averaging :math:`K` independent estimates
+divides the variance by :math:`K`.
+
+Two ways in:
+
+* ``forward_gradient(f, params)`` for any function of a dict (or tuple) of tensors;
+* ``ForwardGradient(model, loss_fn)`` for training: it writes the estimate into ``p.grad``
+  so that any ``torch.optim`` optimizer applies it, exactly where backprop would have
+  written the true gradient. For ``nn.Sequential`` stacks of Linear / Conv2d / ReLU /
+  MaxPool2d / Flatten layers it uses hand-written forward-mode rules (``fgtutor.fastjvp``)
+  that are several times cheaper than ``torch.func.jvp``; anything else falls back to
+  ``torch.func.jvp`` + ``functional_call``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from . import fastjvp
+from .losses import cross_entropy
+from .utils import check_choice, check_positive
+
+SAMPLERS = ("gaussian", "rademacher")
+
+# torch 2.14 compiles its own jvp decompositions with the deprecated torch.jit.script on the
+# first forward-mode call; the warning is about torch's internals, not about this code.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+Params = Union[dict, tuple, list, Tensor]
+
+
+def _tree_map(fn: Callable[..., Tensor], tree: Params, *rest: Params) -> Params:
+    """Apply ``fn`` leaf-wise over a tensor, or a dict / tuple / list of tensors."""
+    if isinstance(tree, Tensor):
+        return fn(tree, *rest)
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, tree[k], *(r[k] for r in rest)) for k in tree}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_tree_map(fn, t, *(r[i] for r in rest)) for i, t in enumerate(tree))
+    raise ValueError(
+        f"params of type {type(tree).__name__} are not allowed: use a tensor, or a dict, "
+        "tuple or list of tensors."
+    )
+
+
+def check_sampler(sampler: str) -> None:
+    check_choice("sampler", sampler, SAMPLERS)
+
+
+_SIGN_TABLES: dict = {}
+
+
+def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Row ``b`` holds the eight signs ``+1 if bit k of b is set else -1``, k = 0..7."""
+    key = (dtype, device)
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (2 * bits - 1).to(dtype=dtype, device=device)
+    return _SIGN_TABLES[key]
+
+
+def rademacher_(tangent: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Fill ``tangent`` in place with independent ±1 signs, each with probability ½.
+
+    One random bit per sign: draw ``n/64`` uniform 64-bit words, view them as bytes, and
+    look every byte up in a 256 × 8 table of signs. That is exact (the bits are i.i.d.
+    fair coins) and about fifty times cheaper on a CPU than ``bernoulli_(0.5)``, which
+    draws a float per sign (see ``BENCHMARKS.md``).
+    """
+    n = tangent.numel()
+    words = torch.empty((n + 63) // 64, dtype=torch.int64, device=tangent.device)
+    words.random_(torch.iinfo(torch.int64).min, None, generator=generator)  # all 64 bits uniform
+    index = words.view(torch.uint8)[: (n + 7) // 8].to(torch.int32)
+    table = _sign_table(tangent.dtype, tangent.device)
+    dense = tangent.is_contiguous() or tangent.is_contiguous(memory_format=torch.channels_last)
+    if dense and n % 8 == 0:
+        # i.i.d. signs fill memory in any order: write straight into the storage
+        torch.index_select(table, 0, index, out=tangent.as_strided((n // 8, 8), (8, 1)))
+    else:
+        tangent.copy_(table.index_select(0, index).view(-1)[:n].view_as(tangent))
+    return tangent
+
+
+def sample_(tangent: Tensor, sampler: str = "gaussian", generator: Optional[torch.Generator] = None) -> Tensor:
+    """Fill ``tangent`` in place with i.i.d. zero-mean, unit-variance entries and return it:
+    ``"gaussian"`` draws N(0, 1), ``"rademacher"`` draws ±1 (``rademacher_``)."""
+    if sampler == "gaussian":
+        return tangent.normal_(generator=generator)
+    check_sampler(sampler)
+    return rademacher_(tangent, generator)
+
+
+def sample_tangents(params: Params, sampler: str = "gaussian", generator: Optional[torch.Generator] = None) -> Params:
+    """A random tangent with the structure, shapes, dtypes and devices of ``params``."""
+    check_sampler(sampler)
+    return _tree_map(lambda p: sample_(torch.empty_like(p), sampler, generator), params)
+
+
+def directional_derivative(f: Callable[[Params], Tensor], params: Params, tangents: Params) -> tuple[Tensor, Tensor]:
+    r"""``(f(params), ∇f(params)·tangents)`` from one forward-mode pass (``torch.func.jvp``)."""
+    value, dd = jvp(f, (params,), (tangents,))
+    if value.dim() != 0:
+        raise ValueError(f"f must return a scalar, but it returned a tensor of shape {tuple(value.shape)}.")
+    return value, dd
+
+
+def forward_gradient(
+    f: Callable[[Params], Tensor],
+    params: Params,
+    *,
+    num_tangents: int = 1,
+    sampler: str = "gaussian",
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Params]:
+    r"""The forward gradient :math:`\frac1K\sum_{k=1}^K (\nabla f\cdot v_k)\,v_k` and ``f(params)``.
+
+    ``params`` is a tensor, or a dict / tuple / list of tensors; the estimate has the same
+    structure. Costs ``num_tangents`` forward-mode passes and no backward pass.
+    """
+    _check_num_tangents(num_tangents)
+    check_sampler(sampler)
+    grads = None
+    for _ in range(num_tangents):
+        v = sample_tangents(params, sampler, generator)
+        value, dd = directional_derivative(f, params, v)
+        if grads is None:
+            grads = _tree_map(lambda t: t.mul_(dd / num_tangents), v)
+        else:
+            grads = _tree_map(lambda g, t: g.add_(t * (dd / num_tangents)), grads, v)
+    return value, grads
+
+
+def _check_num_tangents(num_tangents: int) -> None:
+    check_positive("num_tangents", num_tangents, integer=True)
+
+
+class ForwardGradient:
+    r"""Write a forward-gradient estimate into ``p.grad`` of every trainable parameter.
+
+    ``estimate = ForwardGradient(model, loss_fn)``; then ``loss = estimate(x, y)`` sets
+    ``p.grad = (1/K) Σ_k clip(∇L·v_k) v_k`` for every ``p`` with ``requires_grad`` and
+    returns the (detached) loss, so any ``torch.optim`` optimizer can take the step::
+
+        loss = estimate(x, y)      # backprop would do: loss = loss_fn(model(x), y); loss.backward()
+        optimizer.step()
+
+    ``clip`` bounds the scalar directional derivative to ``[-clip, clip]``. The original
+    repository needed ``clip=1`` for stability; note that it makes the estimator *biased*
+    (large directional derivatives are shrunk), unlike the plain forward gradient.
+
+    The tangents are drawn straight into ``p.grad`` (allocated once and reused), so the
+    estimator needs no memory beyond the gradient buffers backprop would use.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
+        *,
+        num_tangents: int = 1,
+        sampler: str = "rademacher",
+        clip: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        fast: bool = True,
+    ) -> None:
+        _check_num_tangents(num_tangents)
+        check_sampler(sampler)
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip={clip!r} is not allowed: use a positive number, or None for no clipping.")
+        self.model, self.loss_fn = model, loss_fn
+        self.num_tangents, self.sampler, self.clip, self.generator = num_tangents, sampler, clip, generator
+        self.fast = fast and fastjvp.supports(model)
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        grads = self.gradient_buffers()
+        with torch.no_grad():
+            loss, dd = self.directional_derivative(self.sample(grads), x, y)
+            self.scale_(grads, dd)
+            for _ in range(self.num_tangents - 1):
+                # further tangents go to scratch buffers and are added in: p.grad = mean of dd_k v_k
+                extra = self.sample({n: torch.empty_like(g) for n, g in grads.items()})
+                _, dd = self.directional_derivative(extra, x, y)
+                self.scale_(extra, dd)
+                torch._foreach_add_(list(grads.values()), list(extra.values()))
+        return loss.detach()
+
+    # The three parts of a step, separately callable so that fgtutor.bench can time them.
+
+    def gradient_buffers(self) -> dict[str, Tensor]:
+        """``p.grad`` of every trainable parameter, allocated once and reused: the first
+        tangent is drawn straight into it, so the estimator needs no memory beyond the
+        gradient buffers backprop would use."""
+        grads = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                if p.grad is None or p.grad.shape != p.shape or p.grad.stride() != p.stride():
+                    p.grad = torch.empty_like(p)  # same layout as p: the update is then one dense pass
+                grads[name] = p.grad
+        return grads
+
+    def sample(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Draw fresh tangents in place into the given buffers; returns them."""
+        for t in tangents.values():
+            sample_(t, self.sampler, self.generator)
+        return tangents
+
+    def directional_derivative(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss on ``(x, y)`` and its derivative along ``tangents`` (one forward-mode pass)."""
+        if self.fast:
+            logits, dlogits = fastjvp.sequential_jvp(self.model, tangents, x)
+            return fastjvp.loss_jvp(self.loss_fn, logits, dlogits, y)
+        if not tangents:  # nothing trainable: torch.func.jvp needs at least one primal
+            return self.loss_fn(self.model(x), y), x.new_zeros(())
+        params = {n: p.detach() for n, p in self.model.named_parameters() if n in tangents}
+        rest = {n: p for n, p in self.model.named_parameters() if n not in tangents}
+        buffers = dict(self.model.named_buffers())
+
+        def loss_of(p: dict) -> Tensor:
+            return self.loss_fn(functional_call(self.model, (p, rest, buffers), (x,)), y)
+
+        return directional_derivative(loss_of, params, tangents)
+
+    def scale_(self, tangents: dict[str, Tensor], dd: Tensor) -> None:
+        """Turn tangents into the estimate in place: ``v ← clip(dd) · v / K``."""
+        if self.clip is not None:
+            dd = dd.clamp(-self.clip, self.clip)
+        if tangents:
+            torch._foreach_mul_(list(tangents.values()), dd / self.num_tangents)
+
+    def __repr__(self) -> str:
+        return (f"ForwardGradient(model={type(self.model).__name__}, num_tangents={self.num_tangents}, "
+                f"sampler={self.sampler!r}, clip={self.clip}, fast={self.fast})")

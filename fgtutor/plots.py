@@ -1,0 +1,323 @@
+"""Plot helpers for the book. Each returns a matplotlib ``Figure`` and none calls ``plt.show()``.
+
+Every figure is closed in ``pyplot`` as soon as it is made, so in a notebook it appears
+exactly once (when it is the cell's value or is displayed), scripts can
+``fig.savefig(...)`` without a window, and a loop that makes many figures leaks none.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import LogFormatterMathtext, MaxNLocator
+
+from .train import History
+
+Series = Union[History, Sequence[float], np.ndarray]
+# one colour per method, everywhere in the book
+METHOD_COLORS = {"forward": "tab:blue", "backprop": "tab:red"}
+
+
+def _figure(**kwargs) -> Figure:
+    # made through pyplot so that the notebook backend (which teaches Jupyter to display a
+    # returned Figure) is loaded, then closed so that it is not also shown automatically
+    fig = plt.figure(layout="constrained", **kwargs)
+    plt.close(fig)
+    return fig
+
+
+def _colors(labels) -> list:
+    """Blue for the first label that names forward gradient, red for the first that names
+    backprop, other palette colours for everything else, so that no two runs share one."""
+    spare = iter(f"C{i}" for i in (2, 4, 1, 5, 6, 7, 8, 9, 0, 3) * 3)
+    colors, used = [], set()
+    for label in labels:
+        method = next((m for m in METHOD_COLORS if m in label.lower()), None)
+        color = METHOD_COLORS[method] if method and method not in used else next(spare)
+        used.add(method)
+        colors.append(color)
+    return colors
+
+
+def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points (``window <= 1`` returns the input)."""
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or len(values) == 0:
+        return values
+    return pd.Series(values).rolling(window, min_periods=1).mean().to_numpy()
+
+
+def plot_loss(runs: Mapping[str, Series], smooth: int = 0, log: bool = False,
+              title: str = "Training loss per iteration", ylabel: str = "training loss (batch)") -> Figure:
+    """Per-iteration training loss of several runs (a History or a sequence of losses each).
+
+    ``smooth`` draws a moving average over that many steps on top of the faint raw curve.
+    """
+    fig = _figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    for color, (label, run) in zip(_colors(runs), runs.items()):
+        losses = np.asarray(run.step_loss if isinstance(run, History) else run, dtype=float)
+        if smooth > 1:
+            ax.plot(losses, color=color, alpha=0.2, lw=0.8)
+            ax.plot(smooth_curve(losses, smooth), color=color, label=f"{label} (mean of {smooth})")
+        else:
+            ax.plot(losses, color=color, alpha=0.8, lw=0.9, label=label)
+    ax.set(xlabel="iteration", ylabel=ylabel, title=title)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_curves(runs: Mapping[str, History], eval_set: str = "test") -> Figure:
+    """Loss and accuracy on ``eval_set`` against epoch (top) and training seconds (bottom)."""
+    fig = _figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2)
+    for color, (label, run) in zip(_colors(runs), runs.items()):
+        df = run.to_dataframe()
+        if f"{eval_set}_loss" not in df:
+            raise ValueError(f"eval_set={eval_set!r} was not evaluated in run {label!r}.")
+        for row, x in enumerate(("epoch", "train_seconds")):
+            for col, metric in enumerate(("loss", "accuracy")):
+                axes[row, col].plot(df[x], df[f"{eval_set}_{metric}"], "o-", ms=3, color=color, label=label)
+    for row, xlabel in enumerate(("epoch", "training wall-clock seconds")):
+        for col, metric in enumerate(("loss", "accuracy")):
+            ax = axes[row, col]
+            ax.set(xlabel=xlabel, ylabel=f"{eval_set} {metric}")
+            ax.grid(alpha=0.3)
+        axes[0, col].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].legend()
+    fig.suptitle(f"{eval_set.capitalize()} loss and accuracy over every {eval_set} sample")
+    return fig
+
+
+def _grid(f: Callable, xlim: tuple[float, float], ylim: tuple[float, float], n: int = 200):
+    xs = torch.linspace(*xlim, n, dtype=torch.float64)
+    ys = torch.linspace(*ylim, n, dtype=torch.float64)
+    X, Y = torch.meshgrid(xs, ys, indexing="xy")
+    return X.numpy(), Y.numpy(), f(X, Y).numpy()
+
+
+def _as_points(path) -> np.ndarray:
+    points = np.asarray(path.points if hasattr(path, "points") else path, dtype=float)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"a trajectory must be an (n, 2) array of points, got shape {points.shape}.")
+    return points
+
+
+def plot_contour(f: Callable, trajectories: Mapping[str, object], xlim: tuple[float, float],
+                 ylim: tuple[float, float], minimum: Optional[tuple[float, float]] = None,
+                 arrows: int = 30, title: str = "") -> Figure:
+    """Log-spaced contours of ``f(x, y)`` with each trajectory (a ``Trajectory`` or an
+    (n, 2) array) drawn as a path, with up to ``arrows`` step arrows along it."""
+    fig = _figure(figsize=(7, 5.5))
+    ax = fig.subplots()
+    X, Y, Z = _grid(f, xlim, ylim)
+    positive = Z[Z > 0]
+    levels = np.logspace(np.log10(max(positive.min(), 1e-6)), np.log10(positive.max()), 25)
+    cs = ax.contourf(X, Y, np.maximum(Z, levels[0]), levels=levels, norm=LogNorm(), cmap="viridis", alpha=0.85)
+    decades = 10.0 ** np.arange(np.ceil(np.log10(levels[0])), np.floor(np.log10(levels[-1])) + 1)
+    fig.colorbar(cs, ax=ax, label="f(x, y)", ticks=decades, format=LogFormatterMathtext())
+    for color, (label, path) in zip(_colors(trajectories), trajectories.items()):
+        p = _as_points(path)
+        style = "--" if "backprop" in label.lower() else "-"
+        ax.plot(p[:, 0], p[:, 1], style, color=color, lw=1.5, alpha=0.85, label=label)
+        if arrows and len(p) > 1:
+            idx = np.unique(np.linspace(0, len(p) - 2, min(arrows, len(p) - 1)).astype(int))
+            d = p[idx + 1] - p[idx]
+            ax.quiver(p[idx, 0], p[idx, 1], d[:, 0], d[:, 1], color=color, angles="xy",
+                      scale_units="xy", scale=1, width=0.004)
+        ax.plot(*p[0], "o", color="white", mec="black", ms=6)
+    if minimum is not None:
+        ax.plot(*minimum, "*", color="gold", mec="black", ms=14, label="minimum")
+    ax.set(xlim=xlim, ylim=ylim, xlabel="x", ylabel="y", title=title)
+    ax.legend(loc="upper left")
+    return fig
+
+
+def plot_surface(f: Callable, trajectories: Mapping[str, object], xlim: tuple[float, float],
+                 ylim: tuple[float, float], title: str = "") -> Figure:
+    """3-D surface of ``log(1 + f)`` with the trajectories drawn on it."""
+    fig = _figure(figsize=(7, 5.5))
+    ax = fig.add_subplot(projection="3d")
+    X, Y, Z = _grid(f, xlim, ylim, n=120)
+    ax.plot_surface(X, Y, np.log1p(Z), cmap="viridis", alpha=0.6, lw=0, antialiased=True)
+    for color, (label, path) in zip(_colors(trajectories), trajectories.items()):
+        p = _as_points(path)
+        z = np.log1p(f(torch.as_tensor(p[:, 0]), torch.as_tensor(p[:, 1])).numpy())
+        ax.plot(p[:, 0], p[:, 1], z, color=color, lw=2, label=label)
+    ax.set(xlabel="x", ylabel="y", zlabel="log(1 + f)", title=title)
+    ax.view_init(elev=35, azim=-120)
+    ax.legend()
+    return fig
+
+
+def plot_estimates(f: Callable, point: tuple[float, float], true_grad: Sequence[float],
+                   estimates: Sequence[Sequence[float]], xlim: tuple[float, float],
+                   ylim: tuple[float, float], title: str = "") -> Figure:
+    """Sampled gradient estimates drawn as arrows from ``point`` against the true gradient."""
+    fig = _figure(figsize=(6.5, 5))
+    ax = fig.subplots()
+    X, Y, Z = _grid(f, xlim, ylim)
+    ax.contour(X, Y, np.log1p(Z), levels=20, cmap="Greys", alpha=0.6)
+    est = np.asarray(estimates, dtype=float)
+    ax.quiver(np.full(len(est), point[0]), np.full(len(est), point[1]), est[:, 0], est[:, 1],
+              color=METHOD_COLORS["forward"], angles="xy", scale_units="xy", scale=1, width=0.005,
+              alpha=0.8, label=f"{len(est)} forward gradients")
+    ax.quiver(point[0], point[1], true_grad[0], true_grad[1], color=METHOD_COLORS["backprop"], angles="xy",
+              scale_units="xy", scale=1, width=0.009, label="true gradient")
+    ax.plot(*point, "ko", ms=5)
+    ax.set(xlim=xlim, ylim=ylim, xlabel="x", ylabel="y", title=title, aspect="equal")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_heatmap(table: pd.DataFrame, title: str = "", fmt: str = "{:.3f}", cmap: str = "viridis_r",
+                 label: str = "validation loss") -> Figure:
+    """A grid of scores (rows × columns of a DataFrame, e.g. decay × learning rate) with
+    every cell annotated and the best (lowest) one outlined."""
+    values = table.to_numpy(dtype=float)
+    fig = _figure(figsize=(1.1 * values.shape[1] + 2.5, 0.6 * values.shape[0] + 2))
+    ax = fig.subplots()
+    im = ax.imshow(values, cmap=cmap, aspect="auto")
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_xticks(range(values.shape[1]), [f"{c:.2g}" if isinstance(c, float) else str(c) for c in table.columns])
+    ax.set_yticks(range(values.shape[0]), [f"{r:.2g}" if isinstance(r, float) else str(r) for r in table.index])
+    ax.set(xlabel=table.columns.name or "", ylabel=table.index.name or "", title=title)
+    finite = np.where(np.isfinite(values), values, np.nan)
+    for (r, c), v in np.ndenumerate(values):
+        ax.text(c, r, fmt.format(v) if np.isfinite(v) else "diverged", ha="center", va="center", fontsize=8,
+                color="white" if np.isfinite(v) and v > np.nanmean(finite) else "black")
+    if np.isfinite(finite).any():
+        r, c = np.unravel_index(np.nanargmin(finite), values.shape)
+        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+    return fig
+
+
+def plot_bars(table: pd.DataFrame, title: str = "", ylabel: str = "milliseconds per step",
+              stacked: bool = True) -> Figure:
+    """Bars: one group per row of ``table``, one bar or segment per column, stacked
+    (parts of a whole) or side by side (``stacked=False``, things to compare)."""
+    fig = _figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    x = np.arange(len(table))
+    width = 0.8 if stacked else 0.8 / len(table.columns)
+    bottom = np.zeros(len(table))
+    for j, col in enumerate(table.columns):
+        values = table[col].to_numpy(dtype=float)
+        offset = 0 if stacked else (j - (len(table.columns) - 1) / 2) * width
+        ax.bar(x + offset, values, width, bottom=bottom if stacked else None, label=col,
+               color=_colors([str(col)])[0] if not stacked else None)
+        if stacked:
+            bottom += np.nan_to_num(values)
+    ax.set_xticks(x, table.index.astype(str))
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_step_costs(steps: pd.DataFrame, parts: Sequence[str] = ("sample tangents", "forward-mode pass", "update"),
+                    title: str = "") -> Figure:
+    """One panel per model (a row of ``fgtutor.bench.measure_steps``): milliseconds of a
+    forward pass, a backprop step, a forward-gradient step split into its parts, and the
+    same step through ``torch.func``."""
+    fig = _figure(figsize=(5.5 * len(steps), 4.5))
+    axes = np.atleast_1d(fig.subplots(1, len(steps)))
+    for ax, (model, row) in zip(axes, steps.iterrows()):
+        bars = [("forward pass", "forward ms", "tab:gray"), ("backprop step", "backprop ms", METHOD_COLORS["backprop"]),
+                ("torch.func step", "torch.func ms", "tab:purple")]
+        names = []
+        for i, (label, col, color) in enumerate(bars):
+            if col in row and pd.notna(row[col]):
+                ax.bar(len(names), row[col], color=color)
+                names.append(label)
+        fg_x = len(names)
+        bottom = 0.0
+        for j, part in enumerate(parts):
+            ax.bar(fg_x, row[f"{part} ms"], bottom=bottom, color=METHOD_COLORS["forward"], alpha=1 - 0.25 * j,
+                   label=part)
+            bottom += row[f"{part} ms"]
+        rest = row["forward gradient ms"] - bottom
+        if rest > 0:
+            ax.bar(fg_x, rest, bottom=bottom, color="lightsteelblue", label="other")
+        names.append("forward-gradient step")
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set(ylabel="median milliseconds per call", title=f"{model}, batch {int(row['batch'])}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, title="forward-gradient step", title_fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_samples(samples: Mapping[str, object], true_grad: Sequence[float], title: str = "") -> Figure:
+    """One panel per sampler: the cloud of gradient estimates (an (n, 2) array each), its
+    mean (cross) and the true gradient (star). Axes cover the central 98 % of the points;
+    when a cloud has only a few distinct points (Rademacher in 2-D), each is labelled with
+    its count."""
+    clouds = {label: _as_points(s) for label, s in samples.items()}
+    everything = np.concatenate(list(clouds.values()))
+    lo, hi = np.percentile(everything, 1, axis=0), np.percentile(everything, 99, axis=0)
+    lo, hi = np.minimum(lo, true_grad) - 1, np.maximum(hi, true_grad) + 1
+    fig = _figure(figsize=(5 * len(clouds), 4.5))
+    axes = np.atleast_1d(fig.subplots(1, len(clouds), sharex=True, sharey=True))
+    for i, (ax, (label, s)) in enumerate(zip(axes, clouds.items())):
+        ax.scatter(s[:, 0], s[:, 1], s=10, alpha=0.3, color=f"C{i}", label=f"{len(s)} estimates")
+        values, counts = np.unique(s.round(10), axis=0, return_counts=True)
+        if len(values) <= 8:
+            for v, c in zip(values, counts):
+                ax.annotate(f"×{c}", v, textcoords="offset points", xytext=(6, 6), fontsize=9)
+        ax.plot(*s.mean(0), "X", color=f"C{i}", mec="black", ms=12, label="their mean")
+        ax.plot(*true_grad, "*", color="gold", mec="black", ms=16, label="true gradient")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="∂f/∂x estimate", title=label)
+        ax.legend(fontsize=8, loc="lower left")
+    axes[0].set_ylabel("∂f/∂y estimate")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_distribution(values: Sequence[float], reference: float, xlabel: str, title: str = "",
+                      label: str = "", reference_label: str = "") -> Figure:
+    """Histogram of ``values`` with a vertical line at ``reference``: e.g. what a noisy
+    metric reports, run after run, against the exact value it should report."""
+    fig = _figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.hist(np.asarray(values, dtype=float), bins=30, color="tab:gray", alpha=0.8, label=label)
+    ax.axvline(reference, color="black", lw=2, label=reference_label)
+    ax.set(xlabel=xlabel, ylabel="count", title=title)
+    ax.legend()
+    return fig
+
+
+def plot_sweep(results: pd.DataFrame, metric: str = "val_loss", title: str = "") -> Figure:
+    """``metric`` against learning rate (log scale) for every method and decay of a sweep
+    (``fgtutor.train.sweep`` rows); runs that diverged are marked with an ✕ at the top."""
+    fig = _figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    methods = list(dict.fromkeys(results["method"]))
+    finite = results[metric][results[metric].notna()]
+    top = finite.max() if len(finite) else 1.0
+    for color, method in zip(_colors(methods), methods):
+        rows = results[results["method"] == method]
+        decays = sorted(rows["decay"].unique())
+        for j, decay in enumerate(decays):
+            r = rows[rows["decay"] == decay].sort_values("lr")
+            ax.plot(r["lr"], r[metric], "o-", color=color, ms=4, alpha=0.4 + 0.6 * (j + 1) / len(decays),
+                    label=f"{method}, decay {decay:.0e}")
+            bad = r[r["diverged"] | r[metric].isna()]
+            ax.plot(bad["lr"], np.full(len(bad), top), "x", color=color, ms=9, mew=2)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel=metric.replace("_", " "),
+           title=title or f"{metric.replace('_', ' ')} after the search runs (✕: diverged)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,329 @@
+"""Training and evaluation loops shared by both methods.
+
+``fit`` runs forward gradient and backprop through the *same* loop: the same model, data
+order (a generator seeded with ``seed``), loss, optimizer, schedule and evaluation. The
+only line that differs is where ``p.grad`` comes from. ``train_model`` is the one-call
+version the chapters use: it seeds, builds the model, SGD and the paper's schedule.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():  # without ipywidgets, tqdm.auto falls back to text bars and says so
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
+
+from .data import batches
+from .forward import ForwardGradient
+from .losses import cross_entropy
+from .models import count_parameters, make_model
+from .optim import exp_decay
+from .utils import check_choice, check_positive, make_generator, pick_device, seed_everything, synchronize
+
+METHODS = ("forward", "backprop")
+Dataset = tuple[Tensor, Tensor]
+
+
+def _check_dataset(name: str, data: Dataset) -> Dataset:
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)):
+        raise ValueError(f"{name} must be a pair of tensors (X, Y), got {type(data).__name__}.")
+    X, Y = data
+    if X.dim() < 2 or Y.dim() != 1 or X.shape[0] != Y.shape[0] or X.shape[0] == 0:
+        raise ValueError(f"{name}=(X, Y) has shapes {tuple(X.shape)} and {tuple(Y.shape)}: X must be N×… "
+                         "and Y must hold N integer labels, with N > 0.")
+    return X, Y
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 1000,
+             loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy) -> tuple[float, float]:
+    """Mean loss and accuracy over *every* sample of ``(X, Y)``.
+
+    Batch losses are weighted by batch size, so the last partial batch counts exactly as
+    much as its samples (the original kept only the last batch's loss).
+    """
+    X, Y = _check_dataset("(X, Y)", (X, Y))
+    check_positive("batch_size", batch_size, integer=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for x, y in batches(X, Y, batch_size, shuffle=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        total_loss += loss_fn(logits, y).item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train(was_training)
+    return total_loss / len(Y), correct / len(Y)
+
+
+@dataclass
+class History:
+    """Everything a run measured, plus what is needed to reproduce it.
+
+    * ``step_loss``: training loss of every step (the batch loss the method saw);
+    * ``epochs``: one row per evaluation (epoch 0 is before training) with the
+      cumulative ``train_seconds`` and ``eval_seconds``, the learning rate, and
+      ``<set>_loss`` / ``<set>_accuracy`` for every evaluation set;
+    * ``meta``: method, model, hyper-parameters, seed, torch version, device, …;
+    * ``diverged`` and ``message``: set when a non-finite loss stopped the run.
+    """
+
+    meta: dict = field(default_factory=dict)
+    step_loss: list = field(default_factory=list)
+    epochs: list = field(default_factory=list)
+    diverged: bool = False
+    message: str = ""
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Per-epoch rows, with ``method`` and ``model`` columns for concatenating runs."""
+        df = pd.DataFrame(self.epochs)
+        for key in ("model", "method"):
+            df.insert(0, key, self.meta.get(key))
+        return df
+
+    def final(self, column: str) -> float:
+        """The last recorded value of a per-epoch column, e.g. ``"test_accuracy"``."""
+        if not self.epochs or column not in self.epochs[-1]:
+            raise ValueError(f"column={column!r} is not recorded; have: {', '.join(self.epochs[-1]) if self.epochs else 'nothing'}.")
+        return self.epochs[-1][column]
+
+    def to_json(self, path: Union[str, Path, None] = None) -> str:
+        """The history as JSON; written atomically to ``path`` when given."""
+        text = json.dumps(asdict(self), indent=1, allow_nan=True)
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # write beside the target, then rename: never a half-written file
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        return text
+
+    @classmethod
+    def from_json(cls, source: Union[str, Path]) -> "History":
+        """Read a history written by ``to_json`` (a path, or the JSON text itself)."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        return cls(**json.loads(text))
+
+
+def fit(
+    model: nn.Module,
+    method: str,
+    optimizer: torch.optim.Optimizer,
+    train: Dataset,
+    eval_sets: Optional[dict[str, Dataset]] = None,
+    epochs: int = 1,
+    batch_size: int = 64,
+    schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
+    seed: int = 0,
+    sampler: str = "rademacher",
+    num_tangents: int = 1,
+    clip: Optional[float] = None,
+    schedule_every: str = "step",
+    eval_batch_size: int = 1000,
+    progress: bool = True,
+    meta: Optional[dict] = None,
+) -> History:
+    """Train ``model`` with ``method`` = ``"forward"`` or ``"backprop"`` and record a History.
+
+    Each step: ``.grad`` from the forward-gradient estimate or from ``loss.backward()``,
+    then ``optimizer.step()`` and ``schedule.step()`` (per iteration, as in the paper;
+    ``schedule_every="epoch"`` steps it once per epoch instead, as the original notebook did).
+    After every epoch, and once before training, every set in ``eval_sets`` is scored on
+    all its samples. Training and evaluation wall-clock seconds are kept apart.
+
+    The data order comes from a generator seeded with ``seed`` and the tangents from a
+    second one seeded with ``seed + 1``, so two runs with the same seed see the same
+    batches whatever the method. A non-finite loss stops the run: the history records
+    where and why (``diverged``, ``message``) and a warning says how to fix it.
+    """
+    check_choice("method", method, METHODS)
+    check_positive("epochs", epochs, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("eval_batch_size", eval_batch_size, integer=True)
+    check_choice("schedule_every", schedule_every, ("step", "epoch"))
+    device = next(model.parameters()).device
+    X, Y = (t.to(device) for t in _check_dataset("train", train))
+    eval_sets = {name: tuple(t.to(device) for t in _check_dataset(f"eval_sets[{name!r}]", data))
+                 for name, data in (eval_sets or {}).items()}
+
+    history = History(meta={
+        "method": method, "model": type(model).__name__, "num_params": count_parameters(model),
+        "optimizer": type(optimizer).__name__, "lr": optimizer.param_groups[0]["lr"],
+        "epochs": epochs, "batch_size": batch_size, "seed": seed, "n_train": len(Y),
+        "schedule": type(schedule).__name__ if schedule is not None else None, "schedule_every": schedule_every,
+        "eval_sets": {name: len(d[1]) for name, d in eval_sets.items()},
+        "loss": getattr(loss_fn, "__name__", repr(loss_fn)),
+        **({"sampler": sampler, "num_tangents": num_tangents, "clip": clip} if method == "forward" else {}),
+        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), **(meta or {}),
+    })
+    if method == "forward":
+        estimate = ForwardGradient(model, loss_fn, num_tangents=num_tangents, sampler=sampler, clip=clip,
+                                   generator=make_generator(seed + 1, device))
+    data_order = make_generator(seed)
+    train_seconds = eval_seconds = 0.0
+
+    def record(epoch: int) -> None:
+        nonlocal eval_seconds
+        start = time.perf_counter()
+        row = {"epoch": epoch, "step": len(history.step_loss), "lr": optimizer.param_groups[0]["lr"]}
+        for name, (Xe, Ye) in eval_sets.items():
+            row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(model, Xe, Ye, eval_batch_size, loss_fn)
+        eval_seconds += time.perf_counter() - start
+        history.epochs.append({**row, "train_seconds": train_seconds, "eval_seconds": eval_seconds})
+
+    record(0)
+    steps_per_epoch = math.ceil(len(Y) / batch_size)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"{method} {type(model).__name__}",
+               disable=not progress, mininterval=1.0, leave=False)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        for x, y in batches(X, Y, batch_size, generator=data_order):
+            if method == "forward":
+                loss = estimate(x, y)  # overwrites every p.grad: nothing to zero first
+            else:
+                optimizer.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+            loss = loss.item()  # also synchronises the device, so the timing is honest
+            history.step_loss.append(loss)
+            if not math.isfinite(loss):
+                history.diverged = True
+                history.message = (
+                    f"{method} diverged: the training loss became {loss} at epoch {epoch}, step "
+                    f"{len(history.step_loss)} (lr {optimizer.param_groups[0]['lr']:.3g}). Lower the learning "
+                    "rate" + (", use more tangents or set clip." if method == "forward" else ".")
+                )
+                break
+            optimizer.step()
+            if schedule is not None and schedule_every == "step":
+                schedule.step()
+            bar.update()
+            if bar.n % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        synchronize(device)
+        train_seconds += time.perf_counter() - start
+        if history.diverged:
+            warnings.warn(history.message, RuntimeWarning, stacklevel=2)
+            break
+        if schedule is not None and schedule_every == "epoch":
+            schedule.step()
+        record(epoch)
+    bar.close()
+    return history
+
+
+def train_model(
+    model: Union[str, nn.Module],
+    method: str,
+    train: Dataset,
+    eval_sets: Optional[dict[str, Dataset]] = None,
+    *,
+    lr: float = 2e-4,
+    decay: float = 1e-4,
+    momentum: float = 0.0,
+    epochs: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+    **kwargs,
+) -> tuple[nn.Module, History]:
+    """Seed everything, build the model (a name from ``fgtutor.models.MODELS`` or a
+    zero-argument constructor), SGD and the paper's per-iteration decay, then ``fit``.
+    Returns the trained model and its History.
+
+    Calling it twice with the same ``seed`` and different ``method`` trains the same
+    initial weights on the same batches: the fair comparison. ``kwargs`` go to ``fit``.
+    """
+    check_positive("lr", lr)
+    check_positive("decay", decay, allow_zero=True)
+    if isinstance(model, nn.Module):
+        raise ValueError("model must be a name (e.g. 'mlp') or a constructor (e.g. MLP), not a built "
+                         "module: train_model seeds before building it, so that runs start from the same weights.")
+    seed_everything(seed)
+    dev = pick_device(device)
+    net = (make_model(model) if isinstance(model, str) else model()).to(dev)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    meta = {"decay": decay, "momentum": momentum, **kwargs.pop("meta", {})}
+    if isinstance(model, str):
+        meta["model_name"] = model
+    history = fit(net, method, optimizer, train, eval_sets, epochs, batch_size, exp_decay(optimizer, decay),
+                  seed=seed, meta=meta, **kwargs)
+    return net, history
+
+
+def sweep(
+    model: Union[str, Callable[[], nn.Module]],
+    method: str,
+    train: Dataset,
+    val: Dataset,
+    lrs: Sequence[float],
+    decays: Sequence[float] = (1e-4,),
+    *,
+    progress: bool = True,
+    **kwargs,
+) -> pd.DataFrame:
+    """Train one run per (learning rate, decay) and score it on every sample of ``val``.
+
+    Every run uses the same seed, so it starts from the same weights and sees the same
+    batches; only the hyper-parameters differ. Returns one row per run with the final
+    ``val_loss`` and ``val_accuracy`` (NaN when the run diverged), ``diverged`` and the
+    training seconds. ``kwargs`` go to ``train_model`` (epochs, batch_size, seed, ...).
+    """
+    grid = [(lr, decay) for decay in decays for lr in lrs]
+    if not grid:
+        raise ValueError("lrs and decays must each hold at least one value.")
+    rows = []
+    for lr, decay in tqdm(grid, desc=f"{method} sweep", disable=not progress, leave=False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # divergence is a result here, recorded below
+            _, history = train_model(model, method, train, {"val": val}, lr=float(lr), decay=float(decay),
+                                     progress=False, **kwargs)
+        last = history.epochs[-1]
+        rows.append({"method": method, "lr": float(lr), "decay": float(decay),
+                     "val_loss": math.nan if history.diverged else last["val_loss"],
+                     "val_accuracy": math.nan if history.diverged else last["val_accuracy"],
+                     "diverged": history.diverged, "train_seconds": last["train_seconds"]})
+    return pd.DataFrame(rows)
+
+
+def best_run(results: pd.DataFrame, metric: str = "val_loss") -> pd.Series:
+    """The row of ``sweep`` results with the lowest ``metric`` among runs that did not diverge."""
+    finite = results[~results["diverged"] & results[metric].notna()]
+    if finite.empty:
+        raise ValueError("every run in the sweep diverged: try smaller learning rates.")
+    return finite.loc[finite[metric].idxmin()]
+
+
+def at_grid_edge(results: pd.DataFrame, best: pd.Series, column: str = "lr") -> bool:
+    """True when ``best[column]`` is the smallest or largest value of the grid: the true
+    optimum may then lie outside it."""
+    values = sorted(results[column].unique())
+    return len(values) > 1 and best[column] in (values[0], values[-1])

@@ -1,0 +1,107 @@
+"""The book: chapter conventions, and every chapter executed through papermill with tiny
+parameters (the full-size run is `make book`). These tests need MNIST: `make test` fetches it."""
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from fgtutor.book import chapter_parameters, parse_value, run_chapter
+
+ROOT = Path(__file__).resolve().parents[1]
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+CHAPTERS = [ROOT / f"{entry['file']}.ipynb" for entry in TOC["chapters"]]
+
+# Small enough to run each chapter in seconds; every code path still runs.
+TINY = {
+    "testfns": {"beale_steps": 20, "rosenbrock_steps": 20, "sample_sizes": [5, 20], "n_arrows": 3},
+    "mlp": {"epochs": 1, "n_train": 256, "n_shuffles": 5},
+    "convnet": {"epochs": 1, "n_train": 128, "batch_size": 32},
+    "lr_search": {"forward_lrs": [1e-4, 1e-3, 1e-2], "backprop_lrs": [1e-2, 1e-1, 1.0], "decays": [1e-4],
+                  "search_n_train": 128, "final_n_train": 128, "final_epochs": 1},
+    "cost": {"repeats": 2, "large_batch": 256, "loading_images": 2000},
+}
+GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")
+
+
+def glued_names(nb) -> set:
+    return {o["metadata"]["scrapbook"]["name"] for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}
+
+
+def referenced_names(nb) -> set:
+    return {m for c in nb.cells if c.cell_type == "markdown" for m in GLUE_REF.findall(c.source)}
+
+
+def test_every_chapter_in_the_toc_exists_and_has_tiny_parameters_here():
+    assert (ROOT / f"{TOC['root']}.md").is_file()
+    for path in CHAPTERS:
+        assert path.is_file(), path
+        assert path.stem in TINY, f"add tiny parameters for {path.stem} to TINY"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_follows_the_conventions(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "commit chapters with outputs cleared"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    assert "What you will learn" in nb.cells[0].source
+    # the Colab cell comes first, installs from the one repository URL in _config.yml
+    assert "google.colab" in code[0].source and CONFIG["repository"]["url"] in code[0].source
+    tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    # the cell right after the parameters validates them
+    assert "check_" in code[tagged[0] + 1].source
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "## Summary" in markdown and "## References" in markdown and "footbibliography" in markdown
+    assert "Run it at full scale" in markdown
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_runs_with_tiny_parameters_and_glues_every_number_its_prose_quotes(path, tmp_path):
+    out = run_chapter(path, tmp_path / f"{path.stem}.ipynb", TINY[path.stem], progress=False)
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    missing = referenced_names(nb) - glued_names(nb)
+    assert referenced_names(nb) and not missing, f"prose refers to numbers that were not glued: {missing}"
+    assert not list(tmp_path.glob(".*partial*")), "no partial output left behind"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"lr": -1.0}, "lr=-1.0 is not allowed"),
+    ({"model": "resnet"}, "model='resnet' is not allowed"),
+    ({"device": "tpu"}, "device='tpu' is not allowed"),
+])
+def test_a_bad_parameter_value_fails_the_run_with_the_validation_message(params, message, tmp_path):
+    with pytest.raises(Exception, match=re.escape(message)):
+        run_chapter(ROOT / "book/mlp.ipynb", tmp_path / "out.ipynb", {"epochs": 1, "n_train": 64, **params},
+                    progress=False)
+    assert not (tmp_path / "out.ipynb").exists()
+    assert (tmp_path / "out.failed.ipynb").exists(), "the failed run is kept for inspection"
+
+
+def test_an_unknown_parameter_name_is_rejected_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="no parameter named 'epoch'.*epochs"):
+        run_chapter(ROOT / "book/mlp.ipynb", tmp_path / "out.ipynb", {"epoch": 50})
+    assert not list(tmp_path.iterdir())
+
+
+def test_chapter_parameters_lists_the_parameters_cell():
+    params = chapter_parameters(ROOT / "book/mlp.ipynb")
+    assert {"epochs", "lr", "batch_size", "seed", "device", "model"} <= set(params)
+
+
+@pytest.mark.parametrize("text, value", [("50", 50), ("1e-3", 1e-3), ("0.5", 0.5), ("true", True),
+                                         ("[1, 2]", [1, 2]), ("mlp", "mlp"), ("null", None)])
+def test_command_line_values_are_read_as_numbers_lists_booleans_or_text(text, value):
+    assert parse_value(text) == value
+
+
+def test_the_cli_rejects_an_unknown_parameter_with_exit_code_2(capsys):
+    from fgtutor.book import main
+    assert main([str(ROOT / "book/mlp.ipynb"), "-p", "epoch", "3"]) == 2
+    assert "no parameter named 'epoch'" in capsys.readouterr().err

@@ -1,0 +1,340 @@
+"""Tests for fgtutor.plots: every helper returns a Figure of the expected shape and none
+touches pyplot (no registered figures, no plt.show())."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from fgtutor import plots  # noqa: E402
+from fgtutor.testfns import BEALE_MINIMUM, ROSENBROCK_MINIMUM, beale, optimize, rosenbrock  # noqa: E402
+from fgtutor.train import History  # noqa: E402
+
+# torch's jvp decompositions use the deprecated torch.jit.script; fgtutor.forward's filter is
+# installed at import, which pytest performs inside a warnings context that discards it.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def no_pyplot_figures(monkeypatch):
+    """Every test starts and must end with no pyplot figure open, and must not call plt.show()."""
+    plt.close("all")
+
+    def forbidden_show(*args, **kwargs):
+        raise AssertionError("plt.show() was called")
+
+    monkeypatch.setattr(plt, "show", forbidden_show)
+    yield
+    assert plt.get_fignums() == []
+
+
+def renders(fig: Figure) -> None:
+    """Draw the figure for real (catches errors matplotlib only raises at draw time)."""
+    fig.savefig(io.BytesIO(), format="png", dpi=30)
+
+
+def history(method: str, n_steps: int = 30, n_epochs: int = 3, sets=("test",)) -> History:
+    rng = np.random.default_rng(0)
+    steps = list(np.linspace(2.3, 0.5, n_steps) + 0.05 * rng.random(n_steps))
+    rows = []
+    for e in range(n_epochs + 1):
+        row = {"epoch": e, "step": e * 10, "lr": 0.1, "train_seconds": 1.5 * e, "eval_seconds": 0.1 * (e + 1)}
+        for s in sets:
+            row[f"{s}_loss"] = 2.3 / (e + 1)
+            row[f"{s}_accuracy"] = 0.1 + 0.2 * e
+        rows.append(row)
+    return History(meta={"method": method, "model": "MLP"}, step_loss=steps, epochs=rows)
+
+
+@pytest.fixture
+def histories():
+    return {"forward": history("forward"), "backprop": history("backprop")}
+
+
+# ---------------------------------------------------------------------------
+# smooth_curve
+# ---------------------------------------------------------------------------
+
+
+class TestSmoothCurve:
+    def test_is_a_trailing_moving_average(self):
+        out = plots.smooth_curve([1, 2, 3, 4, 5], 2)
+        np.testing.assert_allclose(out, [1.0, 1.5, 2.5, 3.5, 4.5])
+
+    def test_averages_the_available_points_at_the_start(self):
+        out = plots.smooth_curve([3, 6, 9, 0], 3)
+        np.testing.assert_allclose(out, [3.0, 4.5, 6.0, 5.0])
+
+    @pytest.mark.parametrize("window", [0, 1, -3])
+    def test_a_window_of_one_or_less_returns_the_input(self, window):
+        out = plots.smooth_curve([1, 5, 2], window)
+        np.testing.assert_array_equal(out, [1.0, 5.0, 2.0])
+        assert out.dtype == float
+
+    def test_keeps_the_length_and_accepts_empty_input(self):
+        assert len(plots.smooth_curve(np.arange(10.0), 4)) == 10
+        assert len(plots.smooth_curve([], 4)) == 0
+
+
+# ---------------------------------------------------------------------------
+# plot_loss and plot_curves
+# ---------------------------------------------------------------------------
+
+
+class TestPlotLoss:
+    def test_one_line_per_history(self, histories):
+        fig = plots.plot_loss(histories)
+        assert isinstance(fig, Figure)
+        (ax,) = fig.axes
+        assert len(ax.lines) == 2
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), histories["forward"].step_loss)
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["forward", "backprop"]
+        renders(fig)
+
+    def test_methods_get_their_book_colours(self, histories):
+        ax = plots.plot_loss(histories).axes[0]
+        assert to_rgba(ax.lines[0].get_color()) == to_rgba(plots.METHOD_COLORS["forward"])
+        assert to_rgba(ax.lines[1].get_color()) == to_rgba(plots.METHOD_COLORS["backprop"])
+
+    def test_accepts_plain_lists_and_arrays(self):
+        fig = plots.plot_loss({"a": [3.0, 2.0, 1.0], "b": np.array([2.0, 1.0]), "c": torch.tensor([1.0, 0.5]).tolist()})
+        ax = fig.axes[0]
+        assert len(ax.lines) == 3
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), [3.0, 2.0, 1.0])
+        renders(fig)
+
+    def test_smooth_draws_the_raw_curve_and_its_moving_average(self, histories):
+        fig = plots.plot_loss(histories, smooth=5)
+        ax = fig.axes[0]
+        assert len(ax.lines) == 4  # raw + smoothed for each run
+        raw, smoothed = ax.lines[0], ax.lines[1]
+        np.testing.assert_allclose(raw.get_ydata(), histories["forward"].step_loss)
+        np.testing.assert_allclose(smoothed.get_ydata(), plots.smooth_curve(histories["forward"].step_loss, 5))
+        assert "5" in smoothed.get_label()
+        renders(fig)
+
+    def test_log_sets_a_log_y_axis(self, histories):
+        assert plots.plot_loss(histories, log=True).axes[0].get_yscale() == "log"
+        assert plots.plot_loss(histories).axes[0].get_yscale() == "linear"
+
+    def test_title(self, histories):
+        assert plots.plot_loss(histories, title="hello").axes[0].get_title() == "hello"
+
+
+class TestPlotCurves:
+    def test_two_by_two_axes_with_one_line_per_run(self, histories):
+        fig = plots.plot_curves(histories)
+        assert isinstance(fig, Figure)
+        assert len(fig.axes) == 4
+        for ax in fig.axes:
+            assert len(ax.lines) == 2
+        renders(fig)
+
+    def test_top_row_against_epoch_bottom_row_against_training_seconds(self, histories):
+        axes = plots.plot_curves(histories).axes
+        df = histories["forward"].to_dataframe()
+        top_loss, top_acc, bottom_loss, bottom_acc = axes
+        np.testing.assert_allclose(top_loss.lines[0].get_xdata(), df["epoch"])
+        np.testing.assert_allclose(top_loss.lines[0].get_ydata(), df["test_loss"])
+        np.testing.assert_allclose(top_acc.lines[0].get_ydata(), df["test_accuracy"])
+        np.testing.assert_allclose(bottom_loss.lines[0].get_xdata(), df["train_seconds"])
+        np.testing.assert_allclose(bottom_acc.lines[0].get_ydata(), df["test_accuracy"])
+
+    def test_other_eval_set(self):
+        runs = {"forward": history("forward", sets=("test", "val"))}
+        fig = plots.plot_curves(runs, eval_set="val")
+        assert "val" in fig.axes[0].get_ylabel()
+
+    def test_unknown_eval_set_raises_value_error(self, histories):
+        with pytest.raises(ValueError, match="val"):
+            plots.plot_curves(histories, eval_set="val")
+
+
+# ---------------------------------------------------------------------------
+# 2-D test functions
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+    return {
+        "forward": optimize(beale, (1.0, 1.0), steps=20, lr=0.01, method="forward"),
+        "backprop": np.array([[1.0, 1.0], [1.5, 0.8], [2.0, 0.7], [2.5, 0.6]]),
+    }
+
+
+class TestPlotContour:
+    def test_contours_paths_arrows_and_minimum(self, trajectories):
+        fig = plots.plot_contour(beale, trajectories, (-1, 4), (-1, 2), minimum=BEALE_MINIMUM, title="Beale")
+        assert isinstance(fig, Figure)
+        assert len(fig.axes) == 2  # the plot and its colour bar
+        ax = fig.axes[0]
+        # per trajectory a path and a start marker, plus the minimum star
+        assert len(ax.lines) == 2 * len(trajectories) + 1
+        # the filled contours and one quiver per trajectory
+        assert len(ax.collections) == 1 + len(trajectories)
+        assert ax.get_title() == "Beale"
+        np.testing.assert_allclose(ax.lines[0].get_xdata(), trajectories["forward"].points[:, 0].numpy())
+        renders(fig)
+
+    def test_without_arrows_or_minimum(self, trajectories):
+        fig = plots.plot_contour(rosenbrock, {"backprop": trajectories["backprop"]}, (-2, 3), (-1, 3), arrows=0)
+        ax = fig.axes[0]
+        assert len(ax.lines) == 2
+        assert len(ax.collections) == 1
+        renders(fig)
+
+    def test_accepts_a_tensor_of_points(self):
+        fig = plots.plot_contour(rosenbrock, {"p": torch.tensor([[0.0, 0.0], [0.5, 0.25]])}, (-2, 2), (-1, 3),
+                                 minimum=ROSENBROCK_MINIMUM)
+        assert len(fig.axes[0].lines) == 3
+
+    @pytest.mark.parametrize("bad", [np.zeros((5, 3)), np.zeros(4), np.zeros((2, 2, 2))])
+    def test_bad_trajectory_shape_raises_value_error(self, bad):
+        with pytest.raises(ValueError, match=r"\(n, 2\)"):
+            plots.plot_contour(beale, {"bad": bad}, (-1, 4), (-1, 2))
+
+
+class TestPlotSurface:
+    def test_one_3d_axes_with_surface_and_a_line_per_trajectory(self, trajectories):
+        fig = plots.plot_surface(beale, trajectories, (-1, 4), (-1, 2), title="surface")
+        assert isinstance(fig, Figure)
+        (ax,) = fig.axes
+        assert ax.name == "3d"
+        assert len(ax.lines) == len(trajectories)
+        assert len(ax.collections) == 1
+        assert ax.get_title() == "surface"
+        renders(fig)
+
+    def test_paths_lie_on_the_log_surface(self, trajectories):
+        ax = plots.plot_surface(beale, {"backprop": trajectories["backprop"]}, (-1, 4), (-1, 2)).axes[0]
+        p = trajectories["backprop"]
+        _, _, z = ax.lines[0].get_data_3d()
+        np.testing.assert_allclose(z, np.log1p(beale(p[:, 0], p[:, 1])))
+
+    @pytest.mark.parametrize("bad", [np.zeros((5, 3)), np.zeros(4)])
+    def test_bad_trajectory_shape_raises_value_error(self, bad):
+        with pytest.raises(ValueError, match=r"\(n, 2\)"):
+            plots.plot_surface(beale, {"bad": bad}, (-1, 4), (-1, 2))
+
+
+class TestPlotEstimates:
+    def test_contours_estimate_arrows_true_gradient_and_point(self):
+        point = (1.0, 1.0)
+        true_grad = [2.0, -1.0]
+        estimates = np.array([[1.5, -0.5], [2.5, -1.5], [0.5, 0.2], [3.0, -2.0], [1.0, -1.0]])
+        fig = plots.plot_estimates(beale, point, true_grad, estimates, (-1, 4), (-1, 3), title="estimates")
+        assert isinstance(fig, Figure)
+        (ax,) = fig.axes
+        assert len(ax.lines) == 1  # the point
+        assert len(ax.collections) == 3  # contour lines, estimate quiver, true-gradient quiver
+        quivers = [c for c in ax.collections if isinstance(c, matplotlib.quiver.Quiver)]
+        assert [len(q.U) for q in quivers] == [5, 1]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "5 forward gradients" in labels and "true gradient" in labels
+        renders(fig)
+
+    def test_accepts_tensors(self):
+        fig = plots.plot_estimates(beale, (1.0, 1.0), torch.tensor([2.0, -1.0]), torch.randn(3, 2), (-1, 4), (-1, 3))
+        assert len(fig.axes[0].collections) == 3
+        renders(fig)
+
+
+# ---------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------
+
+
+def grid_table() -> pd.DataFrame:
+    table = pd.DataFrame(
+        [[0.9, 0.5, np.nan], [0.7, 0.2, 1.1]],
+        index=pd.Index([1e-4, 1e-3], name="decay"),
+        columns=pd.Index([1e-3, 1e-2, 1e-1], name="lr"),
+    )
+    return table
+
+
+class TestPlotHeatmap:
+    def test_annotates_every_cell_and_labels_nan_as_diverged(self):
+        fig = plots.plot_heatmap(grid_table(), title="grid")
+        assert isinstance(fig, Figure)
+        assert len(fig.axes) == 2  # the grid and its colour bar
+        ax = fig.axes[0]
+        texts = {(t.get_position()): t.get_text() for t in ax.texts}
+        assert len(ax.texts) == 6
+        assert texts[(2, 0)] == "diverged"
+        assert texts[(1, 1)] == "0.200"
+        assert texts[(0, 0)] == "0.900"
+        assert ax.get_xlabel() == "lr" and ax.get_ylabel() == "decay"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001", "0.01", "0.1"]
+        renders(fig)
+
+    def test_outlines_the_best_lowest_cell_with_a_rectangle(self):
+        ax = plots.plot_heatmap(grid_table()).axes[0]
+        rects = [p for p in ax.patches if isinstance(p, Rectangle)]
+        assert len(rects) == 1
+        assert rects[0].get_xy() == (1 - 0.5, 1 - 0.5)  # row 1, column 1 holds 0.2
+        assert rects[0].get_width() == 1 and rects[0].get_height() == 1
+
+    def test_infinite_cells_are_diverged_too_and_never_best(self):
+        table = grid_table()
+        table.iloc[0, 0] = -np.inf
+        ax = plots.plot_heatmap(table).axes[0]
+        texts = {(t.get_position()): t.get_text() for t in ax.texts}
+        assert texts[(0, 0)] == "diverged"
+        (rect,) = [p for p in ax.patches if isinstance(p, Rectangle)]
+        assert rect.get_xy() == (0.5, 0.5)
+
+    def test_all_diverged_has_no_outline(self):
+        table = pd.DataFrame([[np.nan, np.nan]], index=["a"], columns=["x", "y"])
+        fig = plots.plot_heatmap(table)
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.texts] == ["diverged", "diverged"]
+        assert not [p for p in ax.patches if isinstance(p, Rectangle)]
+
+    def test_custom_format(self):
+        ax = plots.plot_heatmap(grid_table(), fmt="{:.1%}").axes[0]
+        assert "20.0%" in [t.get_text() for t in ax.texts]
+
+
+class TestPlotBars:
+    def test_one_stacked_bar_per_row_and_segment_per_column(self):
+        table = pd.DataFrame({"sample": [1.0, 0.5, 0.2], "jvp": [2.0, 1.0, np.nan], "update": [0.5, 0.5, 0.5]},
+                             index=["logreg", "mlp", "convnet"])
+        fig = plots.plot_bars(table, title="time")
+        assert isinstance(fig, Figure)
+        (ax,) = fig.axes
+        assert len(ax.containers) == 3
+        assert len(ax.patches) == 9
+        update = ax.containers[2]
+        # segments stack: each starts where the ones below end (NaN counted as 0)
+        np.testing.assert_allclose([bar.get_y() for bar in update], [3.0, 1.5, 0.2])
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sample", "jvp", "update"]
+        assert ax.get_ylabel() == "milliseconds per step"
+        renders(fig)
+
+
+def test_no_helper_opens_a_pyplot_figure(histories, trajectories):
+    figs = [
+        plots.plot_loss(histories, smooth=3, log=True),
+        plots.plot_curves(histories),
+        plots.plot_contour(beale, trajectories, (-1, 4), (-1, 2), minimum=BEALE_MINIMUM),
+        plots.plot_surface(beale, trajectories, (-1, 4), (-1, 2)),
+        plots.plot_estimates(beale, (1.0, 1.0), [1.0, 1.0], [[1.0, 0.0]], (-1, 4), (-1, 2)),
+        plots.plot_heatmap(grid_table()),
+        plots.plot_bars(pd.DataFrame({"a": [1.0]}, index=["x"])),
+    ]
+    assert all(isinstance(f, Figure) for f in figs)
+    assert plt.get_fignums() == []
