@@ -28,9 +28,16 @@ data: setup
 test: setup data
 	$(PYTHON) -m pytest
 
-book: setup data
+book: setup data _build/.package-stamp
 	$(BIN)/jupyter-book build --warningiserror --keep-going .
 	@echo "Open _build/html/index.html"
+
+# Jupyter Book re-executes a chapter only when the chapter changes. When the package
+# changes, start from a clean _build so that every chapter runs against the new code.
+_build/.package-stamp: $(wildcard fgtutor/*.py)
+	rm -rf _build
+	@mkdir -p _build
+	touch $@
 
 # like `papermill NB OUT -p ...`, but unknown parameter names are an error
 run: setup data

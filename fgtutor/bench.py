@@ -35,16 +35,18 @@ from .data import batches, default_root, load_mnist
 from .forward import ForwardGradient, rademacher_
 from .losses import cross_entropy
 from .models import MODELS, make_model
+from .optim import forward_sgd_step, sgd_along
 from .utils import check_choice, check_positive, pick_device, synchronize
 
 STEPS = ("forward", "backprop", "forward gradient", "torch.func")
+LR = 1e-6  # tiny, so that the weights barely move while they are timed
 PARTS = ("sample tangents", "forward-mode pass", "update")
 
 
 def _setup(model_name: str, batch: int, device: torch.device, sampler: str, seed: int = 0):
     torch.manual_seed(seed)
     model = make_model(model_name).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny: the weights barely move while timing
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     x = torch.rand(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return model, optimizer, x, y
@@ -56,9 +58,8 @@ def step_functions(model_name: str, batch: int, device: torch.device, sampler: s
     model, optimizer, x, y = _setup(model_name, batch, device, sampler)
     estimate = ForwardGradient(model, cross_entropy, sampler=sampler)
     slow = ForwardGradient(model, cross_entropy, sampler=sampler, fast=False)
-    grads = estimate.gradient_buffers()
     with torch.no_grad():
-        _, dd = estimate.directional_derivative(estimate.sample(grads), x, y)
+        _, dd = estimate.directional_derivative(estimate.sample(), x, y)
 
     def forward():
         with torch.no_grad():
@@ -69,24 +70,22 @@ def step_functions(model_name: str, batch: int, device: torch.device, sampler: s
         cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    def forward_gradient():
-        estimate(x, y)
-        optimizer.step()
+    def forward_gradient():  # what fit runs for plain SGD
+        forward_sgd_step(estimate, optimizer, x, y)
 
-    def torch_func_step():
+    def torch_func_step():  # the straightforward way: torch.func.jvp, then optimizer.step()
         slow(x, y)
         optimizer.step()
 
     def sample():
-        estimate.sample(estimate.gradient_buffers())
+        estimate.sample()
 
     def jvp():
         with torch.no_grad():
             estimate.directional_derivative(estimate.gradient_buffers(), x, y)
 
     def update():
-        estimate.scale_(estimate.gradient_buffers(), dd)
-        optimizer.step()
+        sgd_along(optimizer, dd)
 
     fns = {"forward": forward, "backprop": backprop, "forward gradient": forward_gradient,
            "sample tangents": sample, "forward-mode pass": jvp, "update": update}
@@ -167,11 +166,11 @@ def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler
 
     def step():
         if method == "forward":
-            estimate(x, y)
+            forward_sgd_step(estimate, optimizer, x, y)
         else:
             optimizer.zero_grad()
             cross_entropy(model(x), y).backward()
-        optimizer.step()
+            optimizer.step()
         synchronize(dev)
 
     if dev.type == "cuda":
@@ -274,7 +273,8 @@ def _frame_to_json(df: pd.DataFrame) -> list:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgtutor.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "convnet"], choices=list(MODELS))
-    parser.add_argument("--batch", type=int, default=64, help="batch size for the step timings")
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256],
+                        help="batch sizes for the step timings (the first is also used for memory)")
     parser.add_argument("--large-batch", type=int, default=4096, help="second batch size for the memory probe")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
@@ -291,8 +291,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_probe_memory(name, method, int(batch), device, sampler))
         return 0
     try:
-        for name in ("batch", "large_batch", "repeats", "loading_images"):
+        for name in ("large_batch", "repeats", "loading_images"):
             check_positive(name, getattr(args, name), integer=True)
+        for batch in args.batch:
+            check_positive("batch", batch, integer=True)
         check_positive("warmup", args.warmup, integer=True, allow_zero=True)
         pick_device(args.device)
     except ValueError as exc:
@@ -301,24 +303,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "probe_memory"}}
     results["settings"]["json"] = str(args.json)
     pd.set_option("display.width", 160)
-    steps = measure_steps(args.models, args.batch, args.repeats, args.warmup, args.device, args.sampler,
-                          torch_func="torch.func" not in args.skip)
+    steps = pd.concat([measure_steps(args.models, batch, args.repeats, args.warmup, args.device, args.sampler,
+                                     torch_func="torch.func" not in args.skip) for batch in args.batch])
+    steps = steps.set_index("batch", append=True)
     results["steps"] = _frame_to_json(steps)
-    print(f"\nMedian milliseconds per call, batch {args.batch} ({torch.get_num_threads()} threads):")
+    print(f"\nMedian milliseconds per call ({torch.get_num_threads()} threads):")
     print(steps.round(3).T.to_string())
     sampling = measure_sampling(repeats=args.repeats, warmup=args.warmup, device=args.device)
     results["sampling"] = sampling.to_dict()
     print("\nMedian milliseconds to draw one MLP-sized tangent (1,863,690 numbers):")
     print(sampling.round(3).to_string())
     if "memory" not in args.skip:
-        memory = measure_memory(args.models, (args.batch, args.large_batch), args.device, args.sampler)
+        memory = measure_memory(args.models, (args.batch[0], args.large_batch), args.device, args.sampler)
         results["memory"] = _frame_to_json(memory)
         print("\nPeak extra memory of one training step (MB):")
         print(memory.round(2).to_string())
     if "loading" not in args.skip:
-        loading = measure_loading(args.loading_images, args.batch)
+        loading = measure_loading(args.loading_images, args.batch[0])
         results["loading"] = _frame_to_json(loading)
-        print(f"\nOne pass over {args.loading_images} training images, batch {args.batch}:")
+        print(f"\nOne pass over {args.loading_images} training images, batch {args.batch[0]}:")
         print(loading.round(3).to_string())
     write_json(results, args.json)
     print(f"\nwrote {args.json}")

@@ -25,7 +25,11 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
     """``myst_nb.glue`` when the book is being built; a no-op elsewhere (Colab, scripts).
 
     Chapters glue every number their prose quotes, so the text always matches the run.
+    NumPy and 0-d torch scalars are glued as Python numbers, so that ``{glue:text}`x:.3f```
+    can format them.
     """
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
     try:
         from myst_nb import glue as myst_glue
     except ImportError:

@@ -68,15 +68,13 @@ def linear(layer: nn.Linear, x: Tensor, dx: Tangent, t: dict) -> tuple[Tensor, T
         else:
             dy.copy_(db.expand_as(dy))
         return y.view(out_shape), dy.view(out_shape)
-    # one matmul of the stacked [x; ẋ] gives x Wᵀ and ẋ Wᵀ together, reading W once
-    both = F.linear(_stacked(x2, dx.reshape(-1, dx.shape[-1])), W)
+    # one matmul of the stacked [x; ẋ] gives x Wᵀ + b and ẋ Wᵀ + b together, reading W once
+    both = F.linear(_stacked(x2, dx.reshape(-1, dx.shape[-1])), W, b)
     y, dy = both[:n], both[n:]
-    if b is not None:
-        y.add_(b)
     if dW is not None:
         dy.addmm_(x2, dW.t())
-    if db is not None:
-        dy.add_(db)
+    if b is not None or db is not None:  # the tangent half got b; it needs ḃ
+        dy.add_(db - b if b is not None and db is not None else (-b if db is None else db))
     return y.view(out_shape), dy.view(out_shape)
 
 
@@ -153,16 +151,27 @@ def supports(model: nn.Module) -> bool:
             and all(_supported(m) for m in model) and next(model.buffers(), None) is None)
 
 
-def sequential_jvp(model: nn.Sequential, tangents: dict, x: Tensor) -> tuple[Tensor, Tangent]:
+Plan = list[tuple[Callable, nn.Module, dict[str, str]]]
+
+
+def plan(model: nn.Sequential) -> Plan:
+    """For every layer in order: its rule, the layer, and its parameters' full names.
+    Worked out once per model, so a step spends no time on it."""
+    return [(RULES[type(layer)], layer, {p: f"{name}.{p}" for p, _ in layer.named_parameters(recurse=False)})
+            for name, layer in model.named_children()]
+
+
+def sequential_jvp(model: nn.Sequential, tangents: dict, x: Tensor,
+                   layers: Optional[Plan] = None) -> tuple[Tensor, Tangent]:
     """``(model(x), d model(x)[v])`` where ``tangents`` maps parameter names to ``v``.
 
-    Parameters missing from ``tangents`` (frozen ones) get a zero tangent. Run it under
-    ``torch.no_grad()``: nothing here needs autograd.
+    Parameters missing from ``tangents`` (frozen ones) get a zero tangent. ``layers`` is
+    ``plan(model)``, computed here when not given. Run it under ``torch.no_grad()``:
+    nothing here needs autograd.
     """
     dx: Tangent = None
-    for name, layer in model.named_children():
-        t = {p: tangents.get(f"{name}.{p}") for p, _ in layer.named_parameters(recurse=False)}
-        x, dx = RULES[type(layer)](layer, x, dx, t)
+    for rule, layer, names in layers if layers is not None else plan(model):
+        x, dx = rule(layer, x, dx, {p: tangents.get(full) for p, full in names.items()})
     return x, dx
 
 
@@ -171,7 +180,8 @@ def cross_entropy_jvp(logits: Tensor, dlogits: Tensor, targets: Tensor) -> tuple
     :math:`\frac1B\sum_b \big(\sum_k \mathrm{softmax}(z_b)_k \dot z_{bk} - \dot z_{b t_b}\big)`."""
     log_p = F.log_softmax(logits, dim=1)
     loss = F.nll_loss(log_p, targets)
-    dd = (log_p.exp_().mul_(dlogits).sum(1) - dlogits.gather(1, targets[:, None]).squeeze(1)).mean()
+    # nll_loss(ż, t) = -mean_b ż_{b t_b}
+    dd = torch.dot(log_p.exp_().view(-1), dlogits.reshape(-1)) / len(targets) + F.nll_loss(dlogits, targets)
     return loss, dd
 
 

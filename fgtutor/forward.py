@@ -76,6 +76,21 @@ def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
     return _SIGN_TABLES[key]
 
 
+_SCRATCH: dict = {}
+
+
+def _scratch(n_words: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Random words and their byte indices, reused from call to call: allocating them anew
+    each step costs page faults that show in a step of a few milliseconds."""
+    key = (n_words, device)
+    if key not in _SCRATCH:
+        if len(_SCRATCH) > 8:  # many different sizes: keep the cache small
+            _SCRATCH.clear()
+        _SCRATCH[key] = (torch.empty(n_words, dtype=torch.int64, device=device),
+                         torch.empty(8 * n_words, dtype=torch.int32, device=device))
+    return _SCRATCH[key]
+
+
 def rademacher_(tangent: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """Fill ``tangent`` in place with independent ±1 signs, each with probability ½.
 
@@ -85,9 +100,9 @@ def rademacher_(tangent: Tensor, generator: Optional[torch.Generator] = None) ->
     draws a float per sign (see ``BENCHMARKS.md``).
     """
     n = tangent.numel()
-    words = torch.empty((n + 63) // 64, dtype=torch.int64, device=tangent.device)
+    words, index = _scratch((n + 63) // 64, tangent.device)
     words.random_(torch.iinfo(torch.int64).min, None, generator=generator)  # all 64 bits uniform
-    index = words.view(torch.uint8)[: (n + 7) // 8].to(torch.int32)
+    index = index.copy_(words.view(torch.uint8))[: (n + 7) // 8]
     table = _sign_table(tangent.dtype, tangent.device)
     dense = tangent.is_contiguous() or tangent.is_contiguous(memory_format=torch.channels_last)
     if dense and n % 8 == 0:
@@ -151,6 +166,28 @@ def _check_num_tangents(num_tangents: int) -> None:
     check_positive("num_tangents", num_tangents, integer=True)
 
 
+def flat_buffer(like: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """One flat buffer and, for every tensor in ``like``, a view of it with that tensor's
+    shape and strides (channels-last stays channels-last). The buffer is padded to a
+    multiple of 64 elements so that ``rademacher_`` fills it in one call; the padding is
+    never read through the views."""
+    tensors = list(like.values())
+    if not tensors:
+        return torch.empty(0), {}
+    flat = torch.empty(-(-sum(t.numel() for t in tensors) // 64) * 64, dtype=tensors[0].dtype,
+                       device=tensors[0].device)
+    views, offset = {}, 0
+    for name, t in like.items():
+        if t.dtype != flat.dtype or t.device != flat.device:
+            raise ValueError(f"all trainable parameters must share one dtype and device; {name} is "
+                             f"{t.dtype} on {t.device}, others {flat.dtype} on {flat.device}.")
+        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+        strides = t.stride() if dense else torch.empty(t.shape, device="meta").stride()
+        views[name] = flat.as_strided(t.shape, strides, offset)
+        offset += t.numel()
+    return flat, views
+
+
 class ForwardGradient:
     r"""Write a forward-gradient estimate into ``p.grad`` of every trainable parameter.
 
@@ -165,8 +202,9 @@ class ForwardGradient:
     repository needed ``clip=1`` for stability; note that it makes the estimator *biased*
     (large directional derivatives are shrunk), unlike the plain forward gradient.
 
-    The tangents are drawn straight into ``p.grad`` (allocated once and reused), so the
-    estimator needs no memory beyond the gradient buffers backprop would use.
+    The tangents are drawn straight into ``p.grad`` (views of one flat buffer, allocated
+    once and reused), so the estimator needs no memory beyond the gradient buffers
+    backprop would use.
     """
 
     def __init__(
@@ -187,44 +225,47 @@ class ForwardGradient:
         self.model, self.loss_fn = model, loss_fn
         self.num_tangents, self.sampler, self.clip, self.generator = num_tangents, sampler, clip, generator
         self.fast = fast and fastjvp.supports(model)
+        self._plan = fastjvp.plan(model) if self.fast else None
+        self._flat: Optional[Tensor] = None
+        self._views: Optional[dict[str, Tensor]] = None
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        grads = self.gradient_buffers()
         with torch.no_grad():
-            loss, dd = self.directional_derivative(self.sample(grads), x, y)
-            self.scale_(grads, dd)
+            loss, dd = self.directional_derivative(self.sample(), x, y)
+            self.scale_(dd)
             for _ in range(self.num_tangents - 1):
-                # further tangents go to scratch buffers and are added in: p.grad = mean of dd_k v_k
-                extra = self.sample({n: torch.empty_like(g) for n, g in grads.items()})
+                # further tangents go to a scratch buffer and are added in: p.grad = mean of dd_k v_k
+                flat, extra = flat_buffer(self.gradient_buffers())
+                sample_(flat, self.sampler, self.generator)
                 _, dd = self.directional_derivative(extra, x, y)
-                self.scale_(extra, dd)
-                torch._foreach_add_(list(grads.values()), list(extra.values()))
+                self._flat.add_(self.scale_(dd, flat))
         return loss.detach()
 
-    # The three parts of a step, separately callable so that fgtutor.bench can time them.
+    # The parts of a step, separately callable so that fgtutor.bench can time them.
 
     def gradient_buffers(self) -> dict[str, Tensor]:
-        """``p.grad`` of every trainable parameter, allocated once and reused: the first
-        tangent is drawn straight into it, so the estimator needs no memory beyond the
-        gradient buffers backprop would use."""
-        grads = {}
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                if p.grad is None or p.grad.shape != p.shape or p.grad.stride() != p.stride():
-                    p.grad = torch.empty_like(p)  # same layout as p: the update is then one dense pass
-                grads[name] = p.grad
-        return grads
+        """``p.grad`` of every trainable parameter, as views of one flat buffer allocated
+        once: tangents are drawn straight into it (one call for the whole model), so the
+        estimator needs no memory beyond the gradients backprop would store."""
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self._views is None or self._views.keys() != named.keys() or any(
+                p.shape != self._views[n].shape for n, p in named.items()):
+            self._flat, self._views = flat_buffer(named)
+        for name, p in named.items():
+            if p.grad is not self._views[name]:  # e.g. optimizer.zero_grad() set it to None
+                p.grad = self._views[name]
+        return self._views
 
-    def sample(self, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Draw fresh tangents in place into the given buffers; returns them."""
-        for t in tangents.values():
-            sample_(t, self.sampler, self.generator)
-        return tangents
+    def sample(self) -> dict[str, Tensor]:
+        """Draw a fresh tangent into the gradient buffers; returns them by parameter name."""
+        grads = self.gradient_buffers()
+        sample_(self._flat, self.sampler, self.generator)
+        return grads
 
     def directional_derivative(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The loss on ``(x, y)`` and its derivative along ``tangents`` (one forward-mode pass)."""
         if self.fast:
-            logits, dlogits = fastjvp.sequential_jvp(self.model, tangents, x)
+            logits, dlogits = fastjvp.sequential_jvp(self.model, tangents, x, self._plan)
             return fastjvp.loss_jvp(self.loss_fn, logits, dlogits, y)
         if not tangents:  # nothing trainable: torch.func.jvp needs at least one primal
             return self.loss_fn(self.model(x), y), x.new_zeros(())
@@ -237,12 +278,15 @@ class ForwardGradient:
 
         return directional_derivative(loss_of, params, tangents)
 
-    def scale_(self, tangents: dict[str, Tensor], dd: Tensor) -> None:
-        """Turn tangents into the estimate in place: ``v ← clip(dd) · v / K``."""
-        if self.clip is not None:
-            dd = dd.clamp(-self.clip, self.clip)
-        if tangents:
-            torch._foreach_mul_(list(tangents.values()), dd / self.num_tangents)
+    def clip_(self, dd: Tensor) -> Tensor:
+        """The directional derivative as the estimate uses it: clamped to ``±clip`` if set."""
+        return dd if self.clip is None else dd.clamp(-self.clip, self.clip)
+
+    def scale_(self, dd: Tensor, flat: Optional[Tensor] = None) -> Tensor:
+        """Turn a tangent into its share of the estimate in place: ``v ← clip(dd) · v / K``
+        (by default the one in the gradient buffers); returns the flat buffer."""
+        flat = self._flat if flat is None else flat
+        return flat.mul_(self.clip_(dd) / self.num_tangents)
 
     def __repr__(self) -> str:
         return (f"ForwardGradient(model={type(self.model).__name__}, num_tangents={self.num_tangents}, "

@@ -30,6 +30,50 @@ def exp_decay(optimizer: torch.optim.Optimizer, k: float) -> LambdaLR:
     return LambdaLR(optimizer, lambda i: math.exp(-k * i))
 
 
+def is_plain_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """True when ``optimizer`` is ``torch.optim.SGD`` without momentum, weight decay or
+    maximisation, over exactly the trainable parameters of ``model`` in one group: then a
+    forward-gradient step can be fused (``forward_sgd_step``)."""
+    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return (group["momentum"] == 0 and group["weight_decay"] == 0 and not group.get("maximize", False)
+            and {id(p) for p in group["params"]} == trainable)
+
+
+def sgd_along(optimizer: torch.optim.Optimizer, dd: Tensor) -> None:
+    """``θ ← θ − lr · dd · v`` with the tangent ``v`` in ``p.grad``: one plain-SGD step whose
+    learning rate carries the scalar ``dd``, so ``v`` need not be scaled first."""
+    group = optimizer.param_groups[0]
+    lr = group["lr"]
+    group["lr"] = lr * dd.item()
+    try:
+        optimizer.step()
+    finally:
+        group["lr"] = lr
+
+
+def forward_sgd_step(estimate: ForwardGradient, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
+    """One forward-gradient step with plain SGD (``is_plain_sgd``), fused.
+
+    ``estimate(x, y)`` then ``optimizer.step()`` passes over the weights' size twice
+    (``v ← dd·v``, then ``θ ← θ − lr·v``); here the tangent stays in ``p.grad`` and the
+    scalar rides on the learning rate, ``θ ← θ − (lr·dd)·v``: the same step in one pass.
+    Afterwards ``p.grad`` holds ``v`` rather than the estimate. A step whose loss is not
+    finite leaves the weights alone. Returns the loss.
+    """
+    if estimate.num_tangents > 1:  # the average of K estimates must be formed first
+        loss = estimate(x, y)
+        optimizer.step()
+        return loss
+    with torch.no_grad():
+        loss, dd = estimate.directional_derivative(estimate.sample(), x, y)
+    if torch.isfinite(loss):
+        sgd_along(optimizer, estimate.clip_(dd))
+    return loss.detach()
+
+
 class _ForwardOptimizer:
     """Estimator + torch optimizer + schedule behind one ``.step(x, y) -> loss``."""
 
@@ -44,8 +88,12 @@ class _ForwardOptimizer:
 
     def step(self, x: Tensor, y: Tensor) -> float:
         """One forward-gradient step on the batch ``(x, y)``; returns the batch loss."""
-        loss = self.estimate(x, y)
-        self.optimizer.step()
+        # the fused update needs ForwardGradient's tangent buffers (tests swap in other estimators)
+        if isinstance(self.estimate, ForwardGradient) and is_plain_sgd(self.optimizer, self.model):
+            loss = forward_sgd_step(self.estimate, self.optimizer, x, y)
+        else:
+            loss = self.estimate(x, y)
+            self.optimizer.step()
         self.scheduler.step()
         return loss.item()
 

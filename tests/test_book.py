@@ -21,7 +21,7 @@ TINY = {
     "convnet": {"epochs": 1, "n_train": 128, "batch_size": 32},
     "lr_search": {"forward_lrs": [1e-4, 1e-3, 1e-2], "backprop_lrs": [1e-2, 1e-1, 1.0], "decays": [1e-4],
                   "search_n_train": 128, "final_n_train": 128, "final_epochs": 1},
-    "cost": {"repeats": 2, "large_batch": 256, "loading_images": 2000},
+    "cost": {"repeats": 2, "warmup": 1, "large_batch": 256, "loading_images": 2000},
 }
 GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")
 

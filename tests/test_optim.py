@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgtutor.losses import cross_entropy
-from fgtutor.optim import ForwardAdam, ForwardSGD, exp_decay
+from fgtutor.forward import ForwardGradient
+from fgtutor.optim import ForwardAdam, ForwardSGD, exp_decay, forward_sgd_step, is_plain_sgd
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
@@ -199,3 +200,52 @@ def test_negative_momentum_raises_value_error():
 def test_negative_decay_raises_value_error():
     with pytest.raises(ValueError):
         ForwardSGD(nn.Sequential(nn.Linear(2, 2)), decay=-1e-4)
+
+
+def test_plain_forward_sgd_fuses_the_update_and_takes_the_same_step_as_torch_sgd():
+    model = seeded(lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    reference = copy.deepcopy(model)
+    opt = ForwardSGD(model, lr=0.1, decay=0.01, generator=torch.Generator().manual_seed(3))
+    ref_estimate = ForwardGradient(reference, generator=torch.Generator().manual_seed(3))
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    ref_scheduler = exp_decay(ref_opt, 0.01)
+    for step in range(5):
+        x, y = classification_batch(step)
+        assert opt.step(x, y) == pytest.approx(ref_estimate(x, y).item(), abs=1e-12)
+        ref_opt.step()
+        ref_scheduler.step()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-12, rtol=0)
+
+
+def test_is_plain_sgd_only_for_sgd_without_momentum_or_weight_decay_over_all_trainable_parameters():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    assert is_plain_sgd(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    assert not is_plain_sgd(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+    assert not is_plain_sgd(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4), model)
+    assert not is_plain_sgd(torch.optim.Adam(model.parameters(), lr=0.1), model)
+    assert not is_plain_sgd(torch.optim.SGD(model[0].parameters(), lr=0.1), model)  # a subset only
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_forward_sgd_step_equals_writing_the_estimate_then_a_torch_sgd_step(clip):
+    model = seeded(lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    reference = copy.deepcopy(model)
+    x, y = classification_batch(0)
+    estimate = ForwardGradient(model, clip=clip, generator=torch.Generator().manual_seed(2))
+    loss = forward_sgd_step(estimate, torch.optim.SGD(model.parameters(), lr=0.5), x, y)
+    ref_loss = ForwardGradient(reference, clip=clip, generator=torch.Generator().manual_seed(2))(x, y)
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    torch.testing.assert_close(loss, ref_loss)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_forward_sgd_step_leaves_the_weights_alone_when_the_loss_is_not_finite():
+    model = seeded(lambda: nn.Sequential(nn.Linear(4, 3)))
+    before = copy.deepcopy(model)
+    x, y = classification_batch(0)
+    loss = forward_sgd_step(ForwardGradient(model), torch.optim.SGD(model.parameters(), lr=0.5), x * math.nan, y)
+    assert not torch.isfinite(loss)
+    for p, q in zip(model.parameters(), before.parameters()):
+        torch.testing.assert_close(p, q)
