@@ -96,8 +96,8 @@ def rademacher_(tangent: Tensor, generator: Optional[torch.Generator] = None) ->
 
     One random bit per sign: draw ``n/64`` uniform 64-bit words, view them as bytes, and
     look every byte up in a 256 × 8 table of signs. That is exact (the bits are i.i.d.
-    fair coins) and about fifty times cheaper on a CPU than ``bernoulli_(0.5)``, which
-    draws a float per sign (see ``BENCHMARKS.md``).
+    fair coins) and, on a CPU, an order of magnitude cheaper than ``bernoulli_(0.5)`` or
+    ``normal_()``, which draw a float per entry (``BENCHMARKS.md`` has the numbers).
     """
     n = tangent.numel()
     words, index = _scratch((n + 63) // 64, tangent.device)

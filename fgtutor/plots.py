@@ -92,7 +92,8 @@ def plot_curves(runs: Mapping[str, History], eval_set: str = "test") -> Figure:
             ax = axes[row, col]
             ax.set(xlabel=xlabel, ylabel=f"{eval_set} {metric}")
             ax.grid(alpha=0.3)
-        axes[0, col].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     axes[0, 0].legend()
     fig.suptitle(f"{eval_set.capitalize()} loss and accuracy over every {eval_set} sample")
     return fig
@@ -294,7 +295,8 @@ def plot_distribution(values: Sequence[float], reference: float, xlabel: str, ti
     ax.hist(np.asarray(values, dtype=float), bins=30, color="tab:gray", alpha=0.8, label=label)
     ax.axvline(reference, color="black", lw=2, label=reference_label)
     ax.set(xlabel=xlabel, ylabel="count", title=title)
-    ax.legend()
+    if label or reference_label:
+        ax.legend()
     return fig
 
 

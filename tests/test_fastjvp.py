@@ -34,14 +34,14 @@ def dense(dy, like):
 
 
 def check_layer_rule(rule, layer, x, dx, tangents):
-    """Compare ``rule(layer, x, dx, tangents)`` with torch.func.jvp of the layer's functional form;
+    """Compare ``rule(layer, Dual(x, dx), tangents)`` with torch.func.jvp of the layer's functional form;
     parameters missing from ``tangents`` (frozen) and a missing input tangent count as zero."""
     params = {n: p.detach() for n, p in layer.named_parameters()}
     full = {n: tangents.get(n, torch.zeros_like(p)) for n, p in params.items()}
     y_ref, dy_ref = jvp(lambda inp, p: functional_call(layer, p, (inp,)), (x, params),
                         (dense(dx, x), full))
     with torch.no_grad():
-        y, dy = rule(layer, x, None if dx is None else dx.clone(), tangents)
+        y, dy = rule(layer, fastjvp.Dual(x.clone(), None if dx is None else dx.clone()), tangents).take()
     torch.testing.assert_close(y, y_ref, **TOL)
     torch.testing.assert_close(dense(dy, y), dy_ref, **TOL)
     return dy
@@ -82,7 +82,7 @@ def test_relu_rule_agrees_with_torch_func_jvp_including_the_subgradient_at_zero(
     x = randn(4, 10, seed=1)
     x[:, :3] = 0.0
     check_layer_rule(fastjvp.relu, nn.ReLU(), x, randn(4, 10, seed=2), {})
-    assert fastjvp.relu(nn.ReLU(), x, None, {})[1] is None
+    assert fastjvp.relu(nn.ReLU(), fastjvp.Dual(x), {}).tangent is None
 
 
 @pytest.mark.parametrize("pool, size", [(nn.MaxPool2d(2), 8), (nn.MaxPool2d(2), 7),

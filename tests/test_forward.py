@@ -390,3 +390,27 @@ def test_forward_gradient_module_with_nothing_trainable_returns_the_loss_and_wri
     loss = ForwardGradient(model, fast=fast)(x, y)
     torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_rademacher_signs_are_balanced_and_uncorrelated_at_every_bit_position():
+    from fgtutor.forward import rademacher_
+    n = 1 << 20
+    v = rademacher_(torch.empty(n), torch.Generator().manual_seed(0))
+    se = 5 / n ** 0.5  # five standard errors of a mean of n independent ±1
+    assert abs(v.mean().item()) < se
+    # each sign comes from one bit of a byte: every bit position must be a fair coin...
+    assert (v.view(-1, 8).mean(0).abs() < 5 / (n / 8) ** 0.5).all()
+    # ...independent of its neighbours, within a byte and across bytes and words
+    for lag in (1, 7, 8, 63, 64):
+        assert abs((v[:-lag] * v[lag:]).mean().item()) < se, lag
+
+
+@pytest.mark.parametrize("make", [lambda: torch.empty(64, 32, 3, 3).to(memory_format=torch.channels_last),
+                                  lambda: torch.empty(10, 12).t(), lambda: torch.empty(3, 5, 7)],
+                         ids=["channels_last", "transposed", "odd_size"])
+def test_rademacher_fills_any_layout_with_signs(make):
+    from fgtutor.forward import rademacher_
+    t = make()
+    strides = t.stride()
+    rademacher_(t, torch.Generator().manual_seed(1))
+    assert set(t.unique().tolist()) == {-1.0, 1.0} and t.stride() == strides

@@ -326,6 +326,69 @@ class TestPlotBars:
         renders(fig)
 
 
+    def test_side_by_side_bars_when_not_stacked(self):
+        table = pd.DataFrame({"backprop MB": [10.0, 20.0], "forward MB": [8.0, 30.0]}, index=["a", "b"])
+        ax = plots.plot_bars(table, stacked=False, ylabel="MB").axes[0]
+        backprop, forward = ax.containers
+        assert all(bar.get_y() == 0 for bar in forward)  # not stacked
+        assert [b.get_x() < f.get_x() for b, f in zip(backprop, forward)] == [True, True]
+        assert to_rgba(forward[0].get_facecolor()) == to_rgba(plots.METHOD_COLORS["forward"])
+
+
+def step_table():
+    row = {"batch": 64, "forward ms": 2.0, "backprop ms": 6.0, "forward gradient ms": 7.0, "torch.func ms": 11.0,
+           "sample tangents ms": 1.0, "forward-mode pass ms": 5.0, "update ms": 0.5}
+    return pd.DataFrame([row, {**row, "forward gradient ms": 80.0, "forward-mode pass ms": 75.0}],
+                        index=pd.Index(["mlp", "convnet"], name="model"))
+
+
+class TestPlotStepCosts:
+    def test_one_panel_per_model_with_the_forward_gradient_step_split_into_its_parts(self):
+        fig = plots.plot_step_costs(step_table())
+        assert len(fig.axes) == 2
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == [
+            "forward pass", "backprop step", "torch.func step", "forward-gradient step"]
+        heights = [p.get_height() for p in ax.patches]
+        # forward, backprop, torch.func, then the parts and the unaccounted rest (7 - 6.5)
+        np.testing.assert_allclose(heights, [2.0, 6.0, 11.0, 1.0, 5.0, 0.5, 0.5])
+        assert ax.get_title() == "mlp, batch 64"
+        renders(fig)
+
+
+class TestPlotSamples:
+    def test_one_panel_per_sampler_with_cloud_mean_and_true_gradient(self):
+        g = torch.Generator().manual_seed(0)
+        clouds = {"gaussian": torch.randn(200, 2, generator=g), "rademacher": torch.tensor([[1.0, 1.0], [-1.0, 1.0]] * 50)}
+        fig = plots.plot_samples(clouds, [0.0, 1.0], title="t")
+        assert len(fig.axes) == 2
+        # two distinct Rademacher points are labelled with their counts
+        assert sorted(t.get_text() for t in fig.axes[1].texts) == ["×50", "×50"]
+        assert not fig.axes[0].texts
+        renders(fig)
+
+
+class TestPlotSweep:
+    def test_a_line_per_method_and_decay_and_crosses_for_diverged_runs(self):
+        rows = [{"method": m, "lr": lr, "decay": d, "val_loss": np.nan if (m == "forward" and lr == 1.0) else lr,
+                 "diverged": m == "forward" and lr == 1.0}
+                for m in ("forward", "backprop") for d in (1e-5, 1e-4) for lr in (0.01, 0.1, 1.0)]
+        ax = plots.plot_sweep(pd.DataFrame(rows)).axes[0]
+        lines = [l for l in ax.lines if l.get_linestyle() == "-"]
+        crosses = [l for l in ax.lines if l.get_marker() == "x" and len(l.get_xdata())]
+        assert len(lines) == 4 and len(crosses) == 2
+        assert ax.get_xscale() == "log"
+        renders(ax.figure)
+
+
+class TestPlotDistribution:
+    def test_histogram_and_reference_line(self):
+        ax = plots.plot_distribution([1.0, 2.0, 2.5, 3.0], 2.2, xlabel="loss", label="a", reference_label="b").axes[0]
+        assert sum(p.get_height() for p in ax.patches) == 4
+        assert ax.lines[0].get_xdata()[0] == 2.2
+        assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["a", "b"]
+
+
 def test_no_helper_opens_a_pyplot_figure(histories, trajectories):
     figs = [
         plots.plot_loss(histories, smooth=3, log=True),
@@ -335,6 +398,9 @@ def test_no_helper_opens_a_pyplot_figure(histories, trajectories):
         plots.plot_estimates(beale, (1.0, 1.0), [1.0, 1.0], [[1.0, 0.0]], (-1, 4), (-1, 2)),
         plots.plot_heatmap(grid_table()),
         plots.plot_bars(pd.DataFrame({"a": [1.0]}, index=["x"])),
+        plots.plot_step_costs(step_table()),
+        plots.plot_samples({"a": [[1.0, 2.0], [0.0, 1.0]]}, [0.5, 1.5]),
+        plots.plot_distribution([1.0, 2.0], 1.5, xlabel="x"),
     ]
     assert all(isinstance(f, Figure) for f in figs)
     assert plt.get_fignums() == []
