@@ -56,6 +56,9 @@ def test_chapter_follows_the_conventions(path):
     # the cell right after the parameters validates them
     assert "check_" in code[tagged[0] + 1].source
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    # roles are not expanded inside math: a glued number there would print as source
+    math = re.findall(r"\$\$.*?\$\$|\$[^$]+\$", markdown, flags=re.S)
+    assert not [m for m in math if "{glue" in m], "put {glue:text} outside $...$"
     assert "## Summary" in markdown and "## References" in markdown and "footbibliography" in markdown
     assert "Run it at full scale" in markdown
 
