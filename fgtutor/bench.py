@@ -35,15 +35,15 @@ from .data import batches, default_root, load_mnist
 from .forward import ForwardGradient, rademacher_
 from .losses import cross_entropy
 from .models import MODELS, make_model
-from .optim import forward_sgd_step, sgd_along
+from .optim import forward_step, sgd_along
 from .utils import check_choice, check_positive, pick_device, synchronize
 
-STEPS = ("forward", "backprop", "forward gradient", "torch.func")
 LR = 1e-6  # tiny, so that the weights barely move while they are timed
 PARTS = ("sample tangents", "forward-mode pass", "update")
 
 
-def _setup(model_name: str, batch: int, device: torch.device, sampler: str, seed: int = 0):
+def _setup(model_name: str, batch: int, device: torch.device, seed: int = 0):
+    """A model, its SGD, and one random MNIST-shaped batch on ``device``."""
     torch.manual_seed(seed)
     model = make_model(model_name).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -55,7 +55,7 @@ def _setup(model_name: str, batch: int, device: torch.device, sampler: str, seed
 def step_functions(model_name: str, batch: int, device: torch.device, sampler: str = "rademacher",
                    torch_func: bool = True) -> dict[str, Callable[[], object]]:
     """The calls that are timed, keyed by name (see the module docstring)."""
-    model, optimizer, x, y = _setup(model_name, batch, device, sampler)
+    model, optimizer, x, y = _setup(model_name, batch, device)
     estimate = ForwardGradient(model, cross_entropy, sampler=sampler)
     slow = ForwardGradient(model, cross_entropy, sampler=sampler, fast=False)
     with torch.no_grad():
@@ -71,7 +71,7 @@ def step_functions(model_name: str, batch: int, device: torch.device, sampler: s
         optimizer.step()
 
     def forward_gradient():  # what fit runs for plain SGD
-        forward_sgd_step(estimate, optimizer, x, y)
+        forward_step(estimate, optimizer, x, y)
 
     def torch_func_step():  # the straightforward way: torch.func.jvp, then optimizer.step()
         slow(x, y)
@@ -161,12 +161,12 @@ def _rss_mb(field: str) -> float:
 def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler: str) -> float:
     """Peak extra memory (MB) of one training step, measured in this (fresh) process."""
     dev = pick_device(device)
-    model, optimizer, x, y = _setup(model_name, batch, dev, sampler)
+    model, optimizer, x, y = _setup(model_name, batch, dev)
     estimate = ForwardGradient(model, cross_entropy, sampler=sampler)
 
     def step():
         if method == "forward":
-            forward_sgd_step(estimate, optimizer, x, y)
+            forward_step(estimate, optimizer, x, y)
         else:
             optimizer.zero_grad()
             cross_entropy(model(x), y).backward()

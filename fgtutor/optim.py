@@ -33,7 +33,7 @@ def exp_decay(optimizer: torch.optim.Optimizer, k: float) -> LambdaLR:
 def is_plain_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
     """True when ``optimizer`` is ``torch.optim.SGD`` without momentum, weight decay or
     maximisation, over exactly the trainable parameters of ``model`` in one group: then a
-    forward-gradient step can be fused (``forward_sgd_step``)."""
+    forward-gradient step can be fused (``forward_step``)."""
     if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
         return False
     group = optimizer.param_groups[0]
@@ -54,24 +54,31 @@ def sgd_along(optimizer: torch.optim.Optimizer, dd: Tensor) -> None:
         group["lr"] = lr
 
 
-def forward_sgd_step(estimate: ForwardGradient, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
-    """One forward-gradient step with plain SGD (``is_plain_sgd``), fused.
+def forward_step(estimate: Callable[[Tensor, Tensor], Tensor], optimizer: torch.optim.Optimizer,
+                 x: Tensor, y: Tensor, fused: Optional[bool] = None) -> Tensor:
+    """One forward-gradient training step on ``(x, y)``; returns the loss.
 
-    ``estimate(x, y)`` then ``optimizer.step()`` passes over the weights' size twice
-    (``v ← dd·v``, then ``θ ← θ − lr·v``); here the tangent stays in ``p.grad`` and the
-    scalar rides on the learning rate, ``θ ← θ − (lr·dd)·v``: the same step in one pass.
-    Afterwards ``p.grad`` holds ``v`` rather than the estimate. A step whose loss is not
-    finite leaves the weights alone. Returns the loss.
+    ``estimate(x, y)`` writes the estimate ``dd·v`` into ``p.grad`` and ``optimizer.step()``
+    applies it: two passes over the weights' size (``v ← dd·v``, then ``θ ← θ − lr·v``).
+    With plain SGD (``is_plain_sgd``) and one tangent the step is *fused*: the tangent stays
+    in ``p.grad`` and the scalar rides on the learning rate, ``θ ← θ − (lr·dd)·v``, the same
+    step in one pass (``p.grad`` then holds ``v`` rather than the estimate). ``fused=None``
+    decides this from the arguments. Either way, a step whose loss is not finite leaves the
+    weights alone.
     """
-    if estimate.num_tangents > 1:  # the average of K estimates must be formed first
-        loss = estimate(x, y)
-        optimizer.step()
-        return loss
-    with torch.no_grad():
-        loss, dd = estimate.directional_derivative(estimate.sample(), x, y)
+    if fused is None:
+        fused = (isinstance(estimate, ForwardGradient) and estimate.num_tangents == 1
+                 and is_plain_sgd(optimizer, estimate.model))
+    if fused:
+        with torch.no_grad():
+            loss, dd = estimate.directional_derivative(estimate.sample(), x, y)
+        if torch.isfinite(loss):
+            sgd_along(optimizer, estimate.clip_(dd))
+        return loss.detach()
+    loss = estimate(x, y)
     if torch.isfinite(loss):
-        sgd_along(optimizer, estimate.clip_(dd))
-    return loss.detach()
+        optimizer.step()
+    return loss
 
 
 class _ForwardOptimizer:
@@ -88,12 +95,7 @@ class _ForwardOptimizer:
 
     def step(self, x: Tensor, y: Tensor) -> float:
         """One forward-gradient step on the batch ``(x, y)``; returns the batch loss."""
-        # the fused update needs ForwardGradient's tangent buffers (tests swap in other estimators)
-        if isinstance(self.estimate, ForwardGradient) and is_plain_sgd(self.optimizer, self.model):
-            loss = forward_sgd_step(self.estimate, self.optimizer, x, y)
-        else:
-            loss = self.estimate(x, y)
-            self.optimizer.step()
+        loss = forward_step(self.estimate, self.optimizer, x, y)
         self.scheduler.step()
         return loss.item()
 

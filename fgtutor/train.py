@@ -31,7 +31,7 @@ from .data import batches
 from .forward import ForwardGradient
 from .losses import cross_entropy
 from .models import count_parameters, make_model
-from .optim import exp_decay, forward_sgd_step, is_plain_sgd
+from .optim import exp_decay, forward_step, is_plain_sgd
 from .utils import check_choice, check_positive, make_generator, pick_device, seed_everything, synchronize
 
 METHODS = ("forward", "backprop")
@@ -150,14 +150,15 @@ def fit(
 ) -> History:
     """Train ``model`` with ``method`` = ``"forward"`` or ``"backprop"`` and record a History.
 
-    Each step: ``.grad`` from the forward-gradient estimate or from ``loss.backward()``,
-    then ``optimizer.step()`` and ``schedule.step()`` (per iteration, as in the paper;
-    ``schedule_every="epoch"`` steps it once per epoch instead, as the original notebook did).
+    Each step: ``.grad`` from the forward-gradient estimate (which overwrites it: nothing
+    to zero) or from ``loss.backward()``, then ``optimizer.step()`` and ``schedule.step()``
+    (per iteration, as in the paper; ``schedule_every="epoch"`` steps it once per epoch
+    instead, as the original notebook did).
     After every epoch, and once before training, every set in ``eval_sets`` is scored on
     all its samples. Training and evaluation wall-clock seconds are kept apart.
 
     With plain SGD the forward-gradient update is fused, ``θ ← θ − (lr·dd)·v`` in one pass
-    over the weights (``fgtutor.optim.forward_sgd_step``): the same step as writing ``dd·v``
+    over the weights (``fgtutor.optim.forward_step``): the same step as writing ``dd·v``
     into ``p.grad`` and calling ``optimizer.step()``, with one memory pass fewer.
 
     The data order comes from a generator seeded with ``seed`` and the tangents from a
@@ -189,9 +190,18 @@ def fit(
     if method == "forward":
         estimate = ForwardGradient(model, loss_fn, num_tangents=num_tangents, sampler=sampler, clip=clip,
                                    generator=make_generator(seed + 1, device))
-        fused = is_plain_sgd(optimizer, model)  # θ ← θ − lr·dd·v in one pass: same step, less memory traffic
+        fused = num_tangents == 1 and is_plain_sgd(optimizer, model)  # decided once, not every step
+
+        def train_step(x: Tensor, y: Tensor) -> Tensor:
+            return forward_step(estimate, optimizer, x, y, fused=fused)
     else:
-        fused = False
+        def train_step(x: Tensor, y: Tensor) -> Tensor:
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            if torch.isfinite(loss):  # a diverged step leaves the weights alone, as forward_step does
+                optimizer.step()
+            return loss
     data_order = make_generator(seed)
     train_seconds = eval_seconds = 0.0
 
@@ -213,15 +223,7 @@ def fit(
         synchronize(device)
         start = time.perf_counter()
         for x, y in batches(X, Y, batch_size, generator=data_order):
-            if method == "forward" and fused:
-                loss = forward_sgd_step(estimate, optimizer, x, y)  # includes the step
-            elif method == "forward":
-                loss = estimate(x, y)  # overwrites every p.grad: nothing to zero first
-            else:
-                optimizer.zero_grad()
-                loss = loss_fn(model(x), y)
-                loss.backward()
-            loss = loss.item()  # also synchronises the device, so the timing is honest
+            loss = train_step(x, y).item()  # .item() also synchronises the device: honest timing
             history.step_loss.append(loss)
             if not math.isfinite(loss):
                 history.diverged = True
@@ -231,8 +233,6 @@ def fit(
                     "rate" + (", use more tangents or set clip." if method == "forward" else ".")
                 )
                 break
-            if not (method == "forward" and fused):
-                optimizer.step()
             if schedule is not None and schedule_every == "step":
                 schedule.step()
             bar.update()

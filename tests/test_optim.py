@@ -12,7 +12,7 @@ from torch import nn
 
 from fgtutor.losses import cross_entropy
 from fgtutor.forward import ForwardGradient
-from fgtutor.optim import ForwardAdam, ForwardSGD, exp_decay, forward_sgd_step, is_plain_sgd
+from fgtutor.optim import ForwardAdam, ForwardSGD, exp_decay, forward_step, is_plain_sgd
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
@@ -137,7 +137,7 @@ def least_squares(n: int = 32):
     return X, X @ w + 0.5
 
 
-def test_forward_sgd_step_returns_the_float_batch_loss():
+def test_forward_step_returns_the_float_batch_loss():
     model = seeded(lambda: nn.Sequential(nn.Linear(5, 1)))
     X, Y = least_squares()
     expected = F.mse_loss(model(X), Y).item()
@@ -228,12 +228,12 @@ def test_is_plain_sgd_only_for_sgd_without_momentum_or_weight_decay_over_all_tra
 
 
 @pytest.mark.parametrize("clip", [None, 1e-3])
-def test_forward_sgd_step_equals_writing_the_estimate_then_a_torch_sgd_step(clip):
+def test_forward_step_equals_writing_the_estimate_then_a_torch_sgd_step(clip):
     model = seeded(lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
     reference = copy.deepcopy(model)
     x, y = classification_batch(0)
     estimate = ForwardGradient(model, clip=clip, generator=torch.Generator().manual_seed(2))
-    loss = forward_sgd_step(estimate, torch.optim.SGD(model.parameters(), lr=0.5), x, y)
+    loss = forward_step(estimate, torch.optim.SGD(model.parameters(), lr=0.5), x, y)
     ref_loss = ForwardGradient(reference, clip=clip, generator=torch.Generator().manual_seed(2))(x, y)
     torch.optim.SGD(reference.parameters(), lr=0.5).step()
     torch.testing.assert_close(loss, ref_loss)
@@ -241,11 +241,11 @@ def test_forward_sgd_step_equals_writing_the_estimate_then_a_torch_sgd_step(clip
         torch.testing.assert_close(p, q)
 
 
-def test_forward_sgd_step_leaves_the_weights_alone_when_the_loss_is_not_finite():
+def test_forward_step_leaves_the_weights_alone_when_the_loss_is_not_finite():
     model = seeded(lambda: nn.Sequential(nn.Linear(4, 3)))
     before = copy.deepcopy(model)
     x, y = classification_batch(0)
-    loss = forward_sgd_step(ForwardGradient(model), torch.optim.SGD(model.parameters(), lr=0.5), x * math.nan, y)
+    loss = forward_step(ForwardGradient(model), torch.optim.SGD(model.parameters(), lr=0.5), x * math.nan, y)
     assert not torch.isfinite(loss)
     for p, q in zip(model.parameters(), before.parameters()):
         torch.testing.assert_close(p, q)

@@ -1,0 +1,60 @@
+"""Tests for fgtutor.bench: the benchmark measures what it says and writes its numbers.
+(No timing thresholds here: timings are the benchmark's output, never a test's.)"""
+import json
+
+import pytest
+
+from fgtutor import bench
+
+
+def test_step_functions_time_every_step_and_part_and_leave_a_trained_step_possible():
+    fns = bench.step_functions("logreg", 4, bench.pick_device("cpu"))
+    assert set(fns) == {"forward", "backprop", "forward gradient", "torch.func", *bench.PARTS}
+    for fn in fns.values():
+        fn()  # every one runs on its own
+
+
+def test_measure_steps_reports_medians_and_the_paper_ratios_from_them():
+    steps = bench.measure_steps(["logreg"], batch=4, repeats=2, warmup=0, device="cpu", progress=None)
+    row = steps.loc["logreg"]
+    assert row["batch"] == 4
+    assert all(row[f"{name} ms"] > 0 for name in ("forward", "backprop", "forward gradient", "torch.func"))
+    assert row["R_f"] == pytest.approx(row["forward gradient ms"] / row["forward ms"])
+    assert row["R_b"] == pytest.approx(row["backprop ms"] / row["forward ms"])
+    assert row["forward gradient / backprop"] == pytest.approx(row["forward gradient ms"] / row["backprop ms"])
+
+
+def test_measure_steps_rejects_an_unknown_model():
+    with pytest.raises(ValueError, match="model='resnet'"):
+        bench.measure_steps(["resnet"], repeats=1, warmup=0, device="cpu", progress=None)
+
+
+def test_measure_sampling_times_the_three_samplers():
+    ms = bench.measure_sampling(n=1000, repeats=2, warmup=0, device="cpu")
+    assert set(ms.index) == {"gaussian normal_", "rademacher via bernoulli_", "rademacher from bits (fgtutor)"}
+    assert (ms > 0).all()
+
+
+def test_measure_memory_probes_each_method_in_a_fresh_process():
+    memory = bench.measure_memory(["logreg"], (4,), device="cpu", progress=None)
+    row = memory.loc[("logreg", 4)]
+    assert row["backprop MB"] >= 0 and row["forward MB"] >= 0
+    assert row["forward / backprop"] == pytest.approx(row["forward MB"] / row["backprop MB"])
+
+
+def test_main_prints_tables_and_writes_json_with_the_machine(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "logreg", "--batch", "4", "8", "--repeats", "2", "--warmup", "0",
+                       "--skip", "memory", "loading", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert {"torch", "threads", "cpu_count", "platform"} <= set(results["machine"])
+    assert [r["batch"] for r in results["steps"]] == [4, 8]
+    assert "sampling" in results and "memory" not in results
+    assert "forward gradient / backprop" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # nothing half-written left
+
+
+def test_main_rejects_a_bad_batch_size(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--batch", "0"])
+    assert "batch=0 is not allowed" in capsys.readouterr().err
