@@ -93,8 +93,10 @@ def linear(layer: nn.Linear, d: Dual, t: dict) -> Dual:
     y, dy = both[:n], both[n:]
     if dW is not None:
         dy.addmm_(x2, dW.t())
-    if b is not None or db is not None:  # the tangent half got b; it needs ḃ
-        dy.add_(db - b if b is not None and db is not None else (-b if db is None else db))
+    if b is not None:  # the stacked matmul gave the tangent half b as well...
+        dy.sub_(b)
+    if db is not None:  # ...where it needs ḃ
+        dy.add_(db)
     return Dual(y.view(out_shape), dy.view(out_shape))
 
 

@@ -233,9 +233,9 @@ class ForwardGradient:
         with torch.no_grad():
             loss, dd = self.directional_derivative(self.sample(), x, y)
             self.scale_(dd)
-            for _ in range(self.num_tangents - 1):
-                # further tangents go to a scratch buffer and are added in: p.grad = mean of dd_k v_k
-                flat, extra = flat_buffer(self.gradient_buffers())
+            if self.num_tangents > 1:  # further tangents go to one scratch buffer, added in
+                flat, extra = flat_buffer(self._views)
+            for _ in range(self.num_tangents - 1):  # p.grad = mean of dd_k v_k
                 sample_(flat, self.sampler, self.generator)
                 _, dd = self.directional_derivative(extra, x, y)
                 self._flat.add_(self.scale_(dd, flat))

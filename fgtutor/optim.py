@@ -42,6 +42,13 @@ def is_plain_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
             and {id(p) for p in group["params"]} == trainable)
 
 
+def fuses(estimate: Callable[[Tensor, Tensor], Tensor], optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``forward_step`` can fuse the update: a ``ForwardGradient`` with one
+    tangent, and plain SGD over exactly its model's trainable parameters."""
+    return (isinstance(estimate, ForwardGradient) and estimate.num_tangents == 1
+            and is_plain_sgd(optimizer, estimate.model))
+
+
 def sgd_along(optimizer: torch.optim.Optimizer, dd: Tensor) -> None:
     """``θ ← θ − lr · dd · v`` with the tangent ``v`` in ``p.grad``: one plain-SGD step whose
     learning rate carries the scalar ``dd``, so ``v`` need not be scaled first."""
@@ -63,13 +70,10 @@ def forward_step(estimate: Callable[[Tensor, Tensor], Tensor], optimizer: torch.
     With plain SGD (``is_plain_sgd``) and one tangent the step is *fused*: the tangent stays
     in ``p.grad`` and the scalar rides on the learning rate, ``θ ← θ − (lr·dd)·v``, the same
     step in one pass (``p.grad`` then holds ``v`` rather than the estimate). ``fused=None``
-    decides this from the arguments. Either way, a step whose loss is not finite leaves the
-    weights alone.
+    asks ``fuses`` every call; a training loop can ask once and pass the answer. Either
+    way, a step whose loss is not finite leaves the weights alone.
     """
-    if fused is None:
-        fused = (isinstance(estimate, ForwardGradient) and estimate.num_tangents == 1
-                 and is_plain_sgd(optimizer, estimate.model))
-    if fused:
+    if fused if fused is not None else fuses(estimate, optimizer):
         with torch.no_grad():
             loss, dd = estimate.directional_derivative(estimate.sample(), x, y)
         if torch.isfinite(loss):

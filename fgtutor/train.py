@@ -31,7 +31,7 @@ from .data import batches
 from .forward import ForwardGradient
 from .losses import cross_entropy
 from .models import count_parameters, make_model
-from .optim import exp_decay, forward_step, is_plain_sgd
+from .optim import exp_decay, forward_step, fuses
 from .utils import check_choice, check_positive, make_generator, pick_device, seed_everything, synchronize
 
 METHODS = ("forward", "backprop")
@@ -190,7 +190,7 @@ def fit(
     if method == "forward":
         estimate = ForwardGradient(model, loss_fn, num_tangents=num_tangents, sampler=sampler, clip=clip,
                                    generator=make_generator(seed + 1, device))
-        fused = num_tangents == 1 and is_plain_sgd(optimizer, model)  # decided once, not every step
+        fused = fuses(estimate, optimizer)  # decided once, not every step
 
         def train_step(x: Tensor, y: Tensor) -> Tensor:
             return forward_step(estimate, optimizer, x, y, fused=fused)
