@@ -1,1 +1,3 @@
 """fgtutor: forward gradients vs backpropagation."""
+
+__version__ = "0.1.0"

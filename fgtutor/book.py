@@ -49,13 +49,14 @@ def chapter_parameters(notebook: str | Path) -> dict:
 
 
 def run_chapter(notebook: str | Path, output: str | Path | None = None, parameters: Optional[dict] = None,
-                kernel: str = "python3", progress: bool = True) -> Path:
+                kernel: str = "python3", progress: bool = True, log_output: bool = False) -> Path:
     """Execute ``notebook`` with ``parameters`` into ``output`` (default ``runs/<name>-out.ipynb``).
 
     Unknown parameter names raise ``ValueError`` listing the chapter's parameters. The
     notebook is executed into a temporary file beside ``output`` and renamed on success;
     if a cell fails, the executed notebook is kept as ``<output>.failed.ipynb`` for
-    inspection and the error is raised.
+    inspection and the error is raised. ``log_output`` streams the cells' output to this
+    process's stdout and stderr as they run.
     """
     import papermill
 
@@ -74,7 +75,8 @@ def run_chapter(notebook: str | Path, output: str | Path | None = None, paramete
     partial = output.with_name(f".{output.stem}.partial.ipynb")
     try:
         papermill.execute_notebook(str(notebook), str(partial), parameters=parameters, kernel_name=kernel,
-                                   progress_bar=progress, cwd=str(notebook.parent))
+                                   progress_bar=progress, cwd=str(notebook.parent), log_output=log_output,
+                                   **({"stdout_file": sys.stdout, "stderr_file": sys.stderr} if log_output else {}))
     except BaseException:
         if partial.exists():
             os.replace(partial, output.with_name(f"{output.stem}.failed.ipynb"))

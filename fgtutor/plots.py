@@ -53,21 +53,38 @@ def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
     return pd.Series(values).rolling(window, min_periods=1).mean().to_numpy()
 
 
-def plot_loss(runs: Mapping[str, Series], smooth: int = 0, log: bool = False,
-              title: str = "Training loss per iteration", ylabel: str = "training loss (batch)") -> Figure:
-    """Per-iteration training loss of several runs (a History or a sequence of losses each).
+def _group(run) -> list:
+    """A run or a list of runs (one per seed) as a list."""
+    return list(run) if isinstance(run, (list, tuple)) and run and isinstance(run[0], History) else [run]
 
-    ``smooth`` draws a moving average over that many steps on top of the faint raw curve.
+
+def _step_curve(group: list) -> tuple[np.ndarray, np.ndarray]:
+    """Iterations and the per-step training loss averaged over the runs of a group (a stored
+    run keeps block means of ``step_every`` steps; sequences of losses count as one run)."""
+    curves = [np.asarray(r.step_loss if isinstance(r, History) else r, dtype=float) for r in group]
+    every = group[0].step_every if isinstance(group[0], History) else 1
+    n = min(len(c) for c in curves)
+    return (np.arange(n) + 0.5) * every if every > 1 else np.arange(n), np.mean([c[:n] for c in curves], axis=0)
+
+
+def plot_loss(runs: Mapping[str, Union[Series, Sequence[History]]], smooth: int = 0, log: bool = False,
+              title: str = "", ylabel: str = "training loss (batch)") -> Figure:
+    """Per-iteration training loss of several runs: a History, a sequence of losses, or a
+    list of Histories (seeds), whose losses are averaged.
+
+    ``smooth`` draws a moving average over that many points on top of the faint raw curve.
     """
     fig = _figure(figsize=(8, 4.5))
     ax = fig.subplots()
     for color, (label, run) in zip(_colors(runs), runs.items()):
-        losses = np.asarray(run.step_loss if isinstance(run, History) else run, dtype=float)
+        group = _group(run)
+        steps, losses = _step_curve(group)
+        label = f"{label} (mean of {len(group)} seeds)" if len(group) > 1 else label
         if smooth > 1:
-            ax.plot(losses, color=color, alpha=0.2, lw=0.8)
-            ax.plot(smooth_curve(losses, smooth), color=color, label=f"{label} (mean of {smooth})")
+            ax.plot(steps, losses, color=color, alpha=0.2, lw=0.8)
+            ax.plot(steps, smooth_curve(losses, smooth), color=color, label=label)
         else:
-            ax.plot(losses, color=color, alpha=0.8, lw=0.9, label=label)
+            ax.plot(steps, losses, color=color, alpha=0.8, lw=0.9, label=label)
     ax.set(xlabel="iteration", ylabel=ylabel, title=title)
     if log:
         ax.set_yscale("log")
@@ -76,17 +93,31 @@ def plot_loss(runs: Mapping[str, Series], smooth: int = 0, log: bool = False,
     return fig
 
 
-def plot_curves(runs: Mapping[str, History], eval_set: str = "test") -> Figure:
-    """Loss and accuracy on ``eval_set`` against epoch (top) and training seconds (bottom)."""
+def plot_curves(runs: Mapping[str, Union[History, Sequence[History]]], eval_set: str = "test",
+                title: Optional[str] = None) -> Figure:
+    """Loss and accuracy on ``eval_set`` against epoch (top) and training seconds (bottom).
+
+    A value that is a list of Histories (one per seed) is drawn as its mean with a band
+    from the lowest to the highest seed; its seconds are the mean over seeds.
+    """
     fig = _figure(figsize=(10, 7))
     axes = fig.subplots(2, 2)
     for color, (label, run) in zip(_colors(runs), runs.items()):
-        df = run.to_dataframe()
-        if f"{eval_set}_loss" not in df:
+        group = _group(run)
+        frames = [r.to_dataframe() for r in group]
+        if any(f"{eval_set}_loss" not in df for df in frames):
             raise ValueError(f"eval_set={eval_set!r} was not evaluated in run {label!r}.")
-        for row, x in enumerate(("epoch", "train_seconds")):
+        n = min(len(df) for df in frames)  # a diverged seed stops early: draw what all reached
+        seconds = np.mean([df["train_seconds"].to_numpy()[:n] for df in frames], axis=0)
+        if len(group) > 1:
+            label = f"{label} ({len(group)} seeds)"
+        for row, x in enumerate((frames[0]["epoch"].to_numpy()[:n], seconds)):
             for col, metric in enumerate(("loss", "accuracy")):
-                axes[row, col].plot(df[x], df[f"{eval_set}_{metric}"], "o-", ms=3, color=color, label=label)
+                values = np.array([df[f"{eval_set}_{metric}"].to_numpy()[:n] for df in frames])
+                ax = axes[row, col]
+                ax.plot(x, values.mean(0), "o-" if n <= 20 else "-", ms=3, color=color, label=label)
+                if len(group) > 1:
+                    ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
     for row, xlabel in enumerate(("epoch", "training wall-clock seconds")):
         for col, metric in enumerate(("loss", "accuracy")):
             ax = axes[row, col]
@@ -95,7 +126,10 @@ def plot_curves(runs: Mapping[str, History], eval_set: str = "test") -> Figure:
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     axes[0, 0].legend()
-    fig.suptitle(f"{eval_set.capitalize()} loss and accuracy over every {eval_set} sample")
+    if title is None:
+        title = f"{eval_set.capitalize()} loss and accuracy over every {eval_set} sample"
+    if title:
+        fig.suptitle(title)
     return fig
 
 

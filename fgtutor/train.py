@@ -75,7 +75,8 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 1000,
 class History:
     """Everything a run measured, plus what is needed to reproduce it.
 
-    * ``step_loss``: training loss of every step (the batch loss the method saw);
+    * ``step_loss``: training loss of every step (the batch loss the method saw), or, in a
+      stored run (``fgtutor.store``), the mean over each block of ``step_every`` steps;
     * ``epochs``: one row per evaluation (epoch 0 is before training) with the
       cumulative ``train_seconds`` and ``eval_seconds``, the learning rate, and
       ``<set>_loss`` / ``<set>_accuracy`` for every evaluation set;
@@ -86,6 +87,7 @@ class History:
     meta: dict = field(default_factory=dict)
     step_loss: list = field(default_factory=list)
     epochs: list = field(default_factory=list)
+    step_every: int = 1
     diverged: bool = False
     message: str = ""
 
@@ -147,6 +149,7 @@ def fit(
     eval_batch_size: int = 1000,
     progress: bool = True,
     meta: Optional[dict] = None,
+    max_steps: Optional[int] = None,
 ) -> History:
     """Train ``model`` with ``method`` = ``"forward"`` or ``"backprop"`` and record a History.
 
@@ -165,12 +168,16 @@ def fit(
     second one seeded with ``seed + 1``, so two runs with the same seed see the same
     batches whatever the method. A non-finite loss stops the run: the history records
     where and why (``diverged``, ``message``) and a warning says how to fix it.
+    ``max_steps`` stops after that many steps, without a final evaluation: replaying the
+    start of a stored run (``fgtutor.store.replay``) needs no more.
     """
     check_choice("method", method, METHODS)
     check_positive("epochs", epochs, integer=True)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("eval_batch_size", eval_batch_size, integer=True)
     check_choice("schedule_every", schedule_every, ("step", "epoch"))
+    if max_steps is not None:
+        check_positive("max_steps", max_steps, integer=True)
     device = next(model.parameters()).device
     X, Y = (t.to(device) for t in _check_dataset("train", train))
     eval_sets = {name: tuple(t.to(device) for t in _check_dataset(f"eval_sets[{name!r}]", data))
@@ -238,10 +245,14 @@ def fit(
             bar.update()
             if bar.n % 50 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if len(history.step_loss) == max_steps:
+                break
         synchronize(device)
         train_seconds += time.perf_counter() - start
         if history.diverged:
             warnings.warn(history.message, RuntimeWarning, stacklevel=2)
+            break
+        if len(history.step_loss) == max_steps:
             break
         if schedule is not None and schedule_every == "epoch":
             schedule.step()

@@ -82,3 +82,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def check_seeds(name: str, seeds) -> list[int]:
+    """A non-empty list of distinct non-negative integer seeds, or ``ValueError`` naming ``name``."""
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise ValueError(f"{name}={seeds!r} is not allowed: use a list of seeds, e.g. [0, 1, 2].")
+    seeds = list(seeds)
+    for seed in seeds:
+        check_positive(f"{name} entry", seed, allow_zero=True, integer=True)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{name}={seeds!r} is not allowed: use a non-empty list of distinct seeds, e.g. [0, 1, 2].")
+    return [int(s) for s in seeds]

@@ -1,0 +1,86 @@
+"""Reading several runs at once: curves over seeds, final scores as mean ± sd, and the
+paper's time-to-loss measure.
+
+A *group* is a list of Histories that differ only in their seed (one configuration,
+several seeds); functions take ``{label: group}`` mappings.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .train import History
+
+Groups = Mapping[str, Sequence[History]]
+
+
+def epoch_table(group: Sequence[History], column: str) -> pd.DataFrame:
+    """One row per epoch, one column per seed, holding ``column`` (e.g. ``"test_loss"``).
+
+    Epochs a run did not reach (it diverged) are NaN.
+    """
+    if not group:
+        raise ValueError("group is empty: pass at least one History.")
+    table = {}
+    for run in group:
+        df = pd.DataFrame(run.epochs)
+        if column not in df:
+            raise ValueError(f"column={column!r} is not recorded; have: {', '.join(df.columns)}.")
+        table[run.meta.get("seed", len(table))] = df.set_index("epoch")[column]
+    return pd.DataFrame(table)
+
+
+def final_scores(groups: Groups, columns: Sequence[str] = ("test_loss", "test_accuracy", "train_seconds")
+                 ) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of each run's last ``columns``, one row per
+    group; ``runs`` counts the seeds and ``diverged`` how many of them diverged."""
+    rows = {}
+    for label, group in groups.items():
+        finals = pd.DataFrame([{c: run.final(c) for c in columns} for run in group])
+        row = {"runs": len(group), "diverged": sum(run.diverged for run in group)}
+        for c in columns:
+            row[f"{c} mean"] = finals[c].mean()
+            row[f"{c} sd"] = finals[c].std(ddof=1) if len(group) > 1 else np.nan
+        rows[label] = row
+    return pd.DataFrame(rows).T
+
+
+def ms_per_step(group: Sequence[History]) -> float:
+    """Mean training milliseconds per step over the runs of a group."""
+    return float(np.mean([1000 * run.final("train_seconds") / max(1, run.epochs[-1]["step"]) for run in group]))
+
+
+def time_to_loss(run: History, target: float, column: str = "test_loss") -> float:
+    """Training seconds until ``column`` first reaches ``target`` (linear interpolation
+    between evaluations); NaN if it never does."""
+    df = pd.DataFrame(run.epochs)
+    seconds, values = df["train_seconds"].to_numpy(), df[column].to_numpy()
+    hit = np.flatnonzero(values <= target)
+    if len(hit) == 0:
+        return float("nan")
+    i = hit[0]
+    if i == 0:
+        return 0.0
+    t0, t1, v0, v1 = seconds[i - 1], seconds[i], values[i - 1], values[i]
+    return float(t0 + (t1 - t0) * (v0 - target) / (v0 - v1))
+
+
+def time_to_loss_ratio(numerator: Sequence[History], denominator: Sequence[History], target: float,
+                       column: str = "test_loss") -> tuple[float, float]:
+    """The paper's measure: training seconds to reach ``target``, ``numerator`` over
+    ``denominator``, seed by seed (runs are paired by position). Returns mean and sd of
+    the ratio over the pairs where both reached it (NaN if none did)."""
+    times = np.array([(time_to_loss(a, target, column), time_to_loss(b, target, column))
+                      for a, b in zip(numerator, denominator)])
+    ok = np.isfinite(times).all(axis=1) & (times[:, 1] > 0)  # reached by both, after some training
+    ratios = times[ok, 0] / times[ok, 1]
+    if len(ratios) == 0:
+        return float("nan"), float("nan")
+    return float(ratios.mean()), float(ratios.std(ddof=1)) if len(ratios) > 1 else float("nan")
+
+
+def mean_sd(mean: float, sd: float, digits: int = 3) -> str:
+    """``"0.912 ± 0.004"``; just the mean when ``sd`` is NaN (one seed)."""
+    return f"{mean:.{digits}f}" if not np.isfinite(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"

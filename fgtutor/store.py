@@ -1,0 +1,524 @@
+"""The results store: a run's configuration -> one compressed JSON file in ``results/``.
+
+A chapter asks for its runs with ``train_runs(configs)``: a run whose exact configuration
+is stored is loaded, a missing one is trained (in ``jobs`` parallel processes) and stored.
+A stored run holds everything needed to read and to reproduce it:
+
+* ``config``: every setting that makes the run (``run_config`` fills in the defaults), so
+  that the file name, a hash of it, changes whenever any setting does;
+* ``history``: the ``History``, with per-step losses averaged over blocks of ``step_every``
+  steps (the plots need no more) and the epoch rows untouched;
+* ``first_steps``: the first ``REPLAY_STEPS`` step losses exactly, which ``replay``
+  recomputes with today's code to prove the run can still be produced;
+* ``provenance``: fgtutor version, git commit (and whether the tree was dirty), date,
+  machine, torch version, threads and wall-clock seconds.
+
+Modes, from the environment: ``FGTUTOR_STORE=readonly`` (``make book``, CI) turns a
+missing run into an error that says to run ``make results``; the default trains it.
+``FGTUTOR_RESULTS`` moves the store (tests use a temporary one); ``FGTUTOR_JOBS`` sets
+the number of parallel training processes.
+
+``python -m fgtutor.store`` (``make results``) executes the chapters with training allowed,
+so that every run they ask for is stored, and says what it loaded and what it trained.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
+
+from . import __version__
+from .data import load_mnist, train_val_split
+from .forward import SAMPLERS
+from .models import MODELS
+from .train import METHODS, History, fit, train_model
+from .utils import check_choice, check_positive
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPLAY_STEPS = 100     # step losses kept exactly, for the replay check
+MAX_CURVE_POINTS = 4000  # per-step losses are averaged in blocks down to about this many
+FORMAT = 1
+
+#: every setting of a stored run, with its default. ``sampler``, ``num_tangents`` and
+#: ``clip`` concern forward gradient only and are ``None`` in a backprop run's config.
+DEFAULTS = {
+    "model": "mlp", "model_kwargs": {}, "method": "forward",
+    "lr": 2e-4, "decay": 1e-4, "schedule_every": "step", "momentum": 0.0,
+    "epochs": 1, "batch_size": 64, "seed": 0,
+    "n_train": 50_000, "n_val": 10_000, "split_seed": 0, "eval_sets": ["val", "test"],
+    "sampler": "rademacher", "num_tangents": 1, "clip": None,
+}
+EVAL_SETS = ("val", "test")
+FORWARD_ONLY = ("sampler", "num_tangents", "clip")
+
+
+class MissingRunsError(RuntimeError):
+    """Runs a chapter needs are not stored, and this build may not train them."""
+
+
+class CorruptRunError(RuntimeError):
+    """A stored run cannot be read; the message names the file."""
+
+
+# ---------------------------------------------------------------------------
+# Configurations and where they live
+# ---------------------------------------------------------------------------
+
+def run_config(**settings) -> dict:
+    """A complete, checked run configuration: ``DEFAULTS`` updated with ``settings``.
+
+    Unknown names and bad values raise ``ValueError`` naming the setting, so that a typo
+    never becomes a silently different (and separately stored) run.
+    """
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; "
+                         f"the settings are: {', '.join(DEFAULTS)}.")
+    c = {**DEFAULTS, **settings}
+    check_choice("model", c["model"], tuple(MODELS))
+    check_choice("method", c["method"], METHODS)
+    check_choice("schedule_every", c["schedule_every"], ("step", "epoch"))
+    for name in ("lr",):
+        check_positive(name, c[name])
+    for name in ("decay", "momentum"):
+        check_positive(name, c[name], allow_zero=True)
+    for name in ("epochs", "batch_size", "n_train", "n_val"):
+        check_positive(name, c[name], integer=True)
+    for name in ("seed", "split_seed"):
+        check_positive(name, c[name], allow_zero=True, integer=True)
+    if c["n_train"] + c["n_val"] > 60_000:
+        raise ValueError(f"n_train={c['n_train']} and n_val={c['n_val']} add up to more than MNIST's "
+                         "60,000 training images.")
+    if not isinstance(c["model_kwargs"], dict):
+        raise ValueError(f"model_kwargs={c['model_kwargs']!r} is not allowed: use a dict, e.g. {{'padding': 1}}.")
+    c["eval_sets"] = list(c["eval_sets"])
+    for name in c["eval_sets"]:
+        check_choice("eval_sets entry", name, EVAL_SETS)
+    for name in ("lr", "decay", "momentum"):
+        c[name] = float(c[name])
+    if c["method"] == "forward":
+        check_choice("sampler", c["sampler"], SAMPLERS)
+        check_positive("num_tangents", c["num_tangents"], integer=True)
+        if c["clip"] is not None:
+            check_positive("clip", c["clip"])
+            c["clip"] = float(c["clip"])
+    else:
+        c.update(dict.fromkeys(FORWARD_ONLY))
+    return c
+
+
+def run_key(config: dict) -> str:
+    """16 hex digits of the SHA-256 of the canonical JSON of ``config``."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_root() -> Path:
+    """``$FGTUTOR_RESULTS``, else ``results/`` of the repository fgtutor runs from (an
+    editable install), else ``./results``."""
+    env = os.environ.get("FGTUTOR_RESULTS")
+    if env:
+        return Path(env).expanduser()
+    repo = PACKAGE_DIR.parent
+    return repo / "results" if (repo / "_toc.yml").is_file() else Path("results").resolve()
+
+
+def run_path(config: dict, root: Union[str, Path, None] = None) -> Path:
+    """Where the run of ``config`` is stored: ``<root>/<model>/<method>-<key>.json.gz``."""
+    root = Path(root) if root is not None else default_root()
+    return root / config["model"] / f"{config['method']}-{run_key(config)}.json.gz"
+
+
+def describe(config: dict) -> str:
+    """A short human label, e.g. ``mlp forward lr=2e-04 decay=1e-04 50 epochs seed 0``."""
+    extra = "".join(f" {k}={config[k]}" for k in ("momentum", "clip") if config[k])
+    if config["method"] == "forward" and (config["sampler"] != "rademacher" or config["num_tangents"] != 1):
+        extra += f" {config['sampler']}×{config['num_tangents']}"
+    if config["schedule_every"] != "step":
+        extra += f" decay per {config['schedule_every']}"
+    return (f"{config['model']} {config['method']} lr={config['lr']:.3g} decay={config['decay']:.3g}{extra} "
+            f"{config['epochs']} epochs on {config['n_train']} seed {config['seed']}")
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing one run
+# ---------------------------------------------------------------------------
+
+def thin(values: Sequence[float], every: int) -> list[float]:
+    """Means of consecutive blocks of ``every`` values (the last block may be shorter),
+    rounded to 5 significant digits: curves at the resolution plots need."""
+    out = []
+    for i in range(0, len(values), every):
+        block = values[i:i + every]
+        out.append(float(f"{sum(block) / len(block):.5g}"))
+    return out
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_is_dirty() -> Optional[bool]:
+    """True when the package's own files differ from the commit (None outside git)."""
+    status = _git("status", "--porcelain", "--", ".")
+    return None if status is None else bool(status)
+
+
+def provenance(wall_seconds: float, device: str) -> dict:
+    """Who made a run, with what, where and when."""
+    return {
+        "fgtutor": __version__, "commit": _git("rev-parse", "HEAD"), "dirty": code_is_dirty(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.node(), "platform": platform.platform(), "cpu": platform.machine(),
+        "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": device,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "wall_seconds": round(wall_seconds, 2),
+    }
+
+
+def save(config: dict, history: History, prov: dict, root: Union[str, Path, None] = None) -> Path:
+    """Write a run atomically (a temporary file beside it, then a rename) and return its path."""
+    path = run_path(config, root)
+    every = max(1, math.ceil(len(history.step_loss) / MAX_CURVE_POINTS))
+    stored = {**history.__dict__, "step_loss": thin(history.step_loss, every), "step_every": every}
+    record = {"format": FORMAT, "key": run_key(config), "config": config, "provenance": prov,
+              "first_steps": history.step_loss[:REPLAY_STEPS], "history": stored}
+    data = gzip.compress(json.dumps(record, separators=(",", ":")).encode(), mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read(path: Union[str, Path]) -> dict:
+    """The stored record at ``path``; ``CorruptRunError`` naming the file if it is not one."""
+    path = Path(path)
+    try:
+        record = json.loads(gzip.decompress(path.read_bytes()))
+        History(**record["history"])
+        record["config"], record["first_steps"], record["provenance"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptRunError(f"{path} is not a readable stored run ({type(exc).__name__}: {exc}). "
+                              "Delete it and run `make results` to train it again.") from exc
+    if record["config"] != run_config(**record["config"]) or path.name != run_path(record["config"], "x").name:
+        raise CorruptRunError(f"{path} does not hold the run its name says (its configuration was edited?). "
+                              "Delete it and run `make results`.")
+    return record
+
+
+def load(config: dict, root: Union[str, Path, None] = None) -> Optional[History]:
+    """The stored History of ``config``, or None when it is not stored."""
+    path = run_path(config, root)
+    if not path.exists():
+        return None
+    record = read(path)
+    history = History(**record["history"])
+    history.meta["provenance"] = record["provenance"]
+    return history
+
+
+# ---------------------------------------------------------------------------
+# Training a configuration
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=2)
+def _mnist(train: bool):
+    return load_mnist(train=train)
+
+
+def config_data(config: dict) -> tuple[tuple, dict]:
+    """The training set and evaluation sets a configuration names, from MNIST in memory."""
+    X, Y = _mnist(True)
+    (X_train, Y_train), val = train_val_split(X, Y, n_val=config["n_val"], seed=config["split_seed"])
+    train = (X_train[:config["n_train"]], Y_train[:config["n_train"]])
+    sets = {"val": val, "test": _mnist(False) if "test" in config["eval_sets"] else None}
+    return train, {name: sets[name] for name in config["eval_sets"]}
+
+
+def _fit_kwargs(config: dict) -> dict:
+    kwargs = dict(lr=config["lr"], decay=config["decay"], momentum=config["momentum"], epochs=config["epochs"],
+                  batch_size=config["batch_size"], seed=config["seed"], schedule_every=config["schedule_every"])
+    if config["method"] == "forward":
+        kwargs.update({k: config[k] for k in FORWARD_ONLY})
+    return kwargs
+
+
+def _constructor(config: dict):
+    return functools.partial(MODELS[config["model"]], **config["model_kwargs"])
+
+
+def train_config(config: dict, device: str = "auto", progress: bool = True) -> tuple[History, dict]:
+    """Train the run ``config`` describes; returns its History and provenance."""
+    start = time.perf_counter()
+    train, sets = config_data(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # divergence is a result: it is in the History
+        _, history = train_model(_constructor(config), config["method"], train, sets, device=device,
+                                 progress=progress, meta={"model_name": config["model"]}, **_fit_kwargs(config))
+    return history, provenance(time.perf_counter() - start, history.meta["device"])
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock for ``path`` (a sidecar file in ``.locks``), so that two
+    processes never train and write the same run at once."""
+    lock_dir = path.parent.parent / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{path.name}.lock", "w") as f:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # no advisory locks (Windows): one process at a time is up to you
+            pass
+        yield
+
+
+def train_and_save(config: dict, root: Union[str, Path, None] = None, retrain: bool = False,
+                   device: str = "auto", progress: bool = True) -> tuple[Path, bool]:
+    """Train and store ``config`` unless another process stored it meanwhile (and
+    ``retrain`` is off). Returns the path and whether this call trained it."""
+    path = run_path(config, root)
+    with _locked(path):
+        if path.exists() and not retrain:
+            return path, False
+        history, prov = train_config(config, device, progress)
+        return save(config, history, prov, root), True
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore", RuntimeWarning)
+
+
+def _log(event: dict) -> None:
+    log = os.environ.get("FGTUTOR_STORE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def train_runs(configs: Sequence[dict], *, retrain: bool = False, jobs: Optional[int] = None,
+               device: str = "auto", root: Union[str, Path, None] = None, progress: bool = True) -> list[History]:
+    """The History of every configuration in ``configs`` (in order): loaded when stored,
+    trained and stored when not, or when ``retrain`` is set.
+
+    Missing runs train in ``jobs`` processes (default ``$FGTUTOR_JOBS`` or 1), each with
+    its share of the CPU threads; a progress bar estimates the time left. An interrupted
+    batch resumes where it stopped: every finished run is already stored. Under
+    ``FGTUTOR_STORE=readonly`` a missing run raises ``MissingRunsError`` instead.
+    """
+    configs = [run_config(**c) for c in configs]
+    if not configs:
+        raise ValueError("configs is empty: pass at least one run configuration.")
+    retrain = retrain or os.environ.get("FGTUTOR_RETRAIN", "") not in ("", "0")
+    jobs = jobs if jobs is not None else int(os.environ.get("FGTUTOR_JOBS", "1") or 1)
+    check_positive("jobs", jobs, integer=True)
+    root = Path(root) if root is not None else default_root()
+    unique = {run_key(c): c for c in configs}
+    todo = {k: c for k, c in unique.items() if retrain or not run_path(c, root).exists()}
+    readonly = os.environ.get("FGTUTOR_STORE", "train") == "readonly"
+    if todo and readonly:
+        listing = "\n".join(f"  - {describe(c)}" for c in list(todo.values())[:10])
+        more = f"\n  … and {len(todo) - 10} more" if len(todo) > 10 else ""
+        raise MissingRunsError(
+            f"{len(todo)} of this chapter's {len(unique)} runs {'must be retrained' if retrain else 'are not stored'} "
+            f"in {root}, and this build does not train (FGTUTOR_STORE=readonly):\n{listing}{more}\n"
+            "Run `make results` (add JOBS=2 to train in parallel) to train and store them, then build again.")
+    print(f"{len(unique) - len(todo)} of {len(unique)} runs loaded from the store ({root}); {len(todo)} to train.")
+    if todo:
+        _train_missing(list(todo.values()), root, retrain, jobs, device, progress)
+    histories = {}
+    for key, config in unique.items():
+        histories[key] = load(config, root)
+        _log({"key": key, "path": str(run_path(config, root)), "trained": key in todo, "run": describe(config)})
+    return [histories[run_key(c)] for c in configs]
+
+
+def _train_missing(todo: list[dict], root: Path, retrain: bool, jobs: int, device: str, progress: bool) -> None:
+    # progress in epochs × images, so that the time left weighs long runs more than short ones
+    work = {run_key(c): c["epochs"] * c["n_train"] for c in todo}
+    bar = tqdm(total=sum(work.values()), desc=f"training {len(todo)} runs", unit="img", unit_scale=True,
+               disable=not progress, mininterval=10.0, file=sys.stdout)
+
+    def done(config: dict, seconds: float) -> None:
+        bar.update(work[run_key(config)])
+        bar.write(f"stored: {describe(config)} ({seconds:.0f} s)")
+
+    if jobs == 1:
+        for config in todo:
+            start = time.perf_counter()
+            train_and_save(config, root, retrain, device, progress=False)
+            done(config, time.perf_counter() - start)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            started = time.perf_counter()
+            futures = {pool.submit(train_and_save, c, root, retrain, device, False): c for c in todo}
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    done(futures[future], time.perf_counter() - started)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    bar.close()
+
+
+# ---------------------------------------------------------------------------
+# Replay: can today's code still produce a stored run?
+# ---------------------------------------------------------------------------
+
+def replay(path: Union[str, Path], steps: int = 50) -> tuple[list[float], list[float]]:
+    """Retrain the first ``steps`` steps of the run stored at ``path`` with its seeds and
+    return ``(stored, replayed)`` step losses, for comparison."""
+    record = read(path)
+    config, stored = record["config"], record["first_steps"][:steps]
+    train, _ = config_data(config)
+    kwargs = _fit_kwargs(config)
+    lr, decay, momentum = kwargs.pop("lr"), kwargs.pop("decay"), kwargs.pop("momentum")
+    kwargs.pop("epochs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, history = train_model(_constructor(config), config["method"], train, {}, lr=lr, decay=decay,
+                                 momentum=momentum, epochs=config["epochs"], progress=False, device="cpu",
+                                 max_steps=len(stored), **kwargs)
+    return stored, history.step_loss
+
+
+def stored_note(histories: Sequence[History]) -> str:
+    """One sentence of provenance for figures and tables built from stored runs: how many
+    runs and seeds, when, at which commit, on what machine."""
+    provs = [h.meta.get("provenance") or {} for h in histories]
+    dates = sorted(p.get("date", "?")[:10] for p in provs)
+    commits = sorted({(p.get("commit") or "unknown")[:7] + ("+dirty" if p.get("dirty") else "") for p in provs})
+    machines = sorted({f"{p.get('machine', '?')} ({p.get('cpus', '?')} CPUs, {p.get('device', '?')}, "
+                       f"torch {p.get('torch', '?')})" for p in provs})
+    seeds = sorted({h.meta.get("seed") for h in histories})
+    when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    return (f"{len(histories)} runs ({len(seeds)} seeds: {', '.join(map(str, seeds))}) from the results store, "
+            f"trained {when} at commit {', '.join(commits)} on {'; '.join(machines)}.")
+
+
+def stored_paths(root: Union[str, Path, None] = None) -> list[Path]:
+    """Every stored run under ``root``, sorted."""
+    root = Path(root) if root is not None else default_root()
+    return sorted(root.glob("*/*.json.gz"))
+
+
+# ---------------------------------------------------------------------------
+# make results: execute the chapters with training allowed
+# ---------------------------------------------------------------------------
+
+def toc_chapters(repo: Path) -> list[Path]:
+    import yaml
+    toc = yaml.safe_load((repo / "_toc.yml").read_text())
+    return [repo / f"{entry['file']}.ipynb" for entry in toc["chapters"]]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fgtutor.store", description=(
+        "Execute the book's chapters with training allowed, so that every run they ask for is in the "
+        "results store. Runs already stored are loaded, not trained."))
+    parser.add_argument("chapters", nargs="*", help="chapters to execute (default: every chapter in _toc.yml)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel training processes (default 1)")
+    parser.add_argument("--retrain", action="store_true", help="train every run again, even when stored")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="store runs made by uncommitted code (their provenance says so)")
+    args = parser.parse_args(argv)
+    repo = PACKAGE_DIR.parent
+    try:
+        check_positive("--jobs", args.jobs, integer=True)
+        chapters = [Path(c) for c in args.chapters] or toc_chapters(repo)
+        for chapter in chapters:
+            if not chapter.is_file():
+                raise ValueError(f"chapter {chapter} does not exist.")
+        if code_is_dirty() and not args.allow_dirty:
+            raise ValueError("fgtutor/ has uncommitted changes: stored runs must come from committed code. "
+                             "Commit first (or pass --allow-dirty for a throw-away store).")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .book import run_chapter
+
+    out_dir = repo / "runs" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "store-log.jsonl"
+    log.unlink(missing_ok=True)
+    env = {"FGTUTOR_STORE": "train", "FGTUTOR_JOBS": str(args.jobs), "FGTUTOR_STORE_LOG": str(log),
+           "FGTUTOR_RETRAIN": "1" if args.retrain else "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    summary, start = [], time.perf_counter()
+    try:
+        for chapter in chapters:
+            before = log.read_text().splitlines() if log.exists() else []
+            print(f"\n=== {chapter.name}", flush=True)
+            t0 = time.perf_counter()
+            run_chapter(chapter, out_dir / chapter.name, progress=False, log_output=True)
+            events = [json.loads(line) for line in log.read_text().splitlines()[len(before):]] if log.exists() else []
+            trained = [e for e in events if e["trained"]]
+            summary.append((chapter.name, len(events) - len(trained), len(trained), time.perf_counter() - t0))
+            for e in trained:
+                print(f"  ran:     {e['run']}")
+            print(f"  {chapter.name}: {len(events) - len(trained)} runs skipped (already stored), "
+                  f"{len(trained)} trained, {time.perf_counter() - t0:.0f} s", flush=True)
+    except Exception as exc:
+        print(f"error: {chapter} failed:\n{exc}", file=sys.stderr)
+        return 1
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    print("\nchapter            skipped  trained  seconds")
+    for name, skipped, trained, seconds in summary:
+        print(f"{name:18} {skipped:7d}  {trained:7d}  {seconds:7.0f}")
+    used = {json.loads(line)["path"] for line in log.read_text().splitlines()} if log.exists() else set()
+    unused = [p for p in stored_paths() if str(p) not in used]
+    if unused and not args.chapters:
+        print(f"\n{len(unused)} stored runs are used by no chapter (delete them if they are stale):")
+        for p in unused:
+            print(f"  {p}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
