@@ -84,3 +84,17 @@ def time_to_loss_ratio(numerator: Sequence[History], denominator: Sequence[Histo
 def mean_sd(mean: float, sd: float, digits: int = 3) -> str:
     """``"0.912 ± 0.004"``; just the mean when ``sd`` is NaN (one seed)."""
     return f"{mean:.{digits}f}" if not np.isfinite(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def search_table(configs: Sequence[dict], histories: Sequence[History], metric: str = "val") -> pd.DataFrame:
+    """One row per search run: ``method``, ``lr``, ``decay``, the final ``<metric>_loss``
+    and ``<metric>_accuracy`` (NaN when the run diverged), ``diverged`` and the training
+    seconds. ``configs`` are the runs' configurations (``fgtutor.store.run_config``)."""
+    rows = []
+    for config, run in zip(configs, histories):
+        last = run.epochs[-1]
+        rows.append({"method": config["method"], "lr": config["lr"], "decay": config["decay"],
+                     f"{metric}_loss": np.nan if run.diverged else last[f"{metric}_loss"],
+                     f"{metric}_accuracy": np.nan if run.diverged else last[f"{metric}_accuracy"],
+                     "diverged": run.diverged, "train_seconds": last["train_seconds"]})
+    return pd.DataFrame(rows)

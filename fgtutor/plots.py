@@ -334,9 +334,10 @@ def plot_distribution(values: Sequence[float], reference: float, xlabel: str, ti
     return fig
 
 
-def plot_sweep(results: pd.DataFrame, metric: str = "val_loss", title: str = "") -> Figure:
-    """``metric`` against learning rate (log scale) for every method and decay of a sweep
-    (``fgtutor.train.sweep`` rows); runs that diverged are marked with an ✕ at the top."""
+def plot_sweep(results: pd.DataFrame, metric: str = "val_loss", title: str = "", by: str = "decay") -> Figure:
+    """``metric`` against learning rate (log scale) for every method and value of ``by``
+    (a column: the decay, or e.g. the search protocol) of a sweep (one row per run, as
+    ``fgtutor.analysis.search_table`` makes); diverged runs are marked with an ✕ at the top."""
     fig = _figure(figsize=(8, 4.5))
     ax = fig.subplots()
     methods = list(dict.fromkeys(results["method"]))
@@ -344,16 +345,16 @@ def plot_sweep(results: pd.DataFrame, metric: str = "val_loss", title: str = "")
     top = finite.max() if len(finite) else 1.0
     for color, method in zip(_colors(methods), methods):
         rows = results[results["method"] == method]
-        decays = sorted(rows["decay"].unique())
-        for j, decay in enumerate(decays):
-            r = rows[rows["decay"] == decay].sort_values("lr")
-            ax.plot(r["lr"], r[metric], "o-", color=color, ms=4, alpha=0.4 + 0.6 * (j + 1) / len(decays),
-                    label=f"{method}, decay {decay:.0e}")
+        values = list(dict.fromkeys(rows[by]))
+        for j, value in enumerate(values):
+            r = rows[rows[by] == value].sort_values("lr")
+            name = f"decay {value:.0e}" if by == "decay" else str(value)
+            ax.plot(r["lr"], r[metric], "o-", color=color, ms=4,
+                    alpha=0.4 + 0.6 * (j + 1) / len(values), label=f"{method}, {name}")
             bad = r[r["diverged"] | r[metric].isna()]
             ax.plot(bad["lr"], np.full(len(bad), top), "x", color=color, ms=9, mew=2)
     ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel=metric.replace("_", " "),
-           title=title or f"{metric.replace('_', ' ')} after the search runs (✕: diverged)")
+    ax.set(xlabel="learning rate", ylabel=metric.replace("_", " "), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
