@@ -82,7 +82,7 @@ def plot_loss(runs: Mapping[str, Union[Series, Sequence[History]]], smooth: int 
         label = f"{label} (mean of {len(group)} seeds)" if len(group) > 1 else label
         if smooth > 1:
             ax.plot(steps, losses, color=color, alpha=0.2, lw=0.8)
-            ax.plot(steps, smooth_curve(losses, smooth), color=color, label=label)
+            ax.plot(steps, smooth_curve(losses, smooth), color=color, label=f"{label}, moving average of {smooth}")
         else:
             ax.plot(steps, losses, color=color, alpha=0.8, lw=0.9, label=label)
     ax.set(xlabel="iteration", ylabel=ylabel, title=title)

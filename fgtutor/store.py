@@ -282,14 +282,23 @@ def _constructor(config: dict):
     return functools.partial(MODELS[config["model"]], **config["model_kwargs"])
 
 
-def train_config(config: dict, device: str = "auto", progress: bool = True) -> tuple[History, dict]:
-    """Train the run ``config`` describes; returns its History and provenance."""
+def checkpoint_path(config: dict, root: Union[str, Path, None] = None) -> Path:
+    """Where an unfinished run keeps its last epoch (``fit(checkpoint=...)``)."""
+    path = run_path(config, root)
+    return path.parent.parent / ".checkpoints" / path.name.replace(".json.gz", ".pt")
+
+
+def train_config(config: dict, device: str = "auto", progress: bool = True,
+                 checkpoint: Union[str, Path, None] = None) -> tuple[History, dict]:
+    """Train the run ``config`` describes (resuming from ``checkpoint`` when given and
+    present); returns its History and provenance."""
     start = time.perf_counter()
     train, sets = config_data(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # divergence is a result: it is in the History
         _, history = train_model(_constructor(config), config["method"], train, sets, device=device,
-                                 progress=progress, meta={"model_name": config["model"]}, **_fit_kwargs(config))
+                                 progress=progress, meta={"model_name": config["model"]}, checkpoint=checkpoint,
+                                 **_fit_kwargs(config))
     return history, provenance(time.perf_counter() - start, history.meta["device"])
 
 
@@ -311,12 +320,13 @@ def _locked(path: Path):
 def train_and_save(config: dict, root: Union[str, Path, None] = None, retrain: bool = False,
                    device: str = "auto", progress: bool = True) -> tuple[Path, bool]:
     """Train and store ``config`` unless another process stored it meanwhile (and
-    ``retrain`` is off). Returns the path and whether this call trained it."""
+    ``retrain`` is off). Returns the path and whether this call trained it. A run that
+    was interrupted resumes from its last finished epoch."""
     path = run_path(config, root)
     with _locked(path):
         if path.exists() and not retrain:
             return path, False
-        history, prov = train_config(config, device, progress)
+        history, prov = train_config(config, device, progress, checkpoint_path(config, root))
         return save(config, history, prov, root), True
 
 
@@ -339,7 +349,8 @@ def train_runs(configs: Sequence[dict], *, retrain: bool = False, jobs: Optional
 
     Missing runs train in ``jobs`` processes (default ``$FGTUTOR_JOBS`` or 1), each with
     its share of the CPU threads; a progress bar estimates the time left. An interrupted
-    batch resumes where it stopped: every finished run is already stored. Under
+    batch resumes where it stopped: every finished run is already stored, and an
+    unfinished one continues from its last finished epoch. Under
     ``FGTUTOR_STORE=readonly`` a missing run raises ``MissingRunsError`` instead.
     """
     configs = [run_config(**c) for c in configs]
@@ -421,6 +432,31 @@ def replay(path: Union[str, Path], steps: int = 50) -> tuple[list[float], list[f
     return stored, history.step_loss
 
 
+class StaleRunError(AssertionError):
+    """Today's code no longer produces a stored run."""
+
+
+def check_replay(path: Union[str, Path], steps: int = 50, rtol: float = 1e-4) -> float:
+    """Replay the first ``steps`` steps of a stored run and raise ``StaleRunError`` naming
+    the file when a step loss differs from the stored one by more than ``rtol`` (relative;
+    float noise from another thread count or CPU stays far below it). Returns the
+    largest relative difference seen."""
+    stored, replayed = replay(path, steps)
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(stored, replayed)):
+        if not math.isfinite(a) and not math.isfinite(b):  # both diverged here
+            continue
+        diff = abs(a - b) / max(abs(a), 1e-12)
+        worst = max(worst, diff)
+        if not diff <= rtol:
+            raise StaleRunError(
+                f"{path}: step {i + 1} of the replay has loss {b:.6g}, the stored run {a:.6g}. Today's code no "
+                "longer produces this run: run `make results RETRAIN=1` (or delete the file and `make results`).")
+    if len(replayed) < len(stored):
+        raise StaleRunError(f"{path}: the replay stopped after {len(replayed)} of {len(stored)} steps.")
+    return worst
+
+
 def stored_note(histories: Sequence[History]) -> str:
     """One sentence of provenance for figures and tables built from stored runs: how many
     runs and seeds, when, at which commit, on what machine."""
@@ -445,17 +481,20 @@ def stored_paths(root: Union[str, Path, None] = None) -> list[Path]:
 # make results: execute the chapters with training allowed
 # ---------------------------------------------------------------------------
 
-def toc_chapters(repo: Path) -> list[Path]:
+def store_chapters(repo: Path) -> list[Path]:
+    """The chapters of ``_toc.yml``, in reading order, whose code asks the store for runs."""
     import yaml
     toc = yaml.safe_load((repo / "_toc.yml").read_text())
-    return [repo / f"{entry['file']}.ipynb" for entry in toc["chapters"]]
+    chapters = [repo / f"{entry['file']}.ipynb" for entry in toc["chapters"]]
+    return [c for c in chapters if "train_runs(" in c.read_text()]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgtutor.store", description=(
         "Execute the book's chapters with training allowed, so that every run they ask for is in the "
         "results store. Runs already stored are loaded, not trained."))
-    parser.add_argument("chapters", nargs="*", help="chapters to execute (default: every chapter in _toc.yml)")
+    parser.add_argument("chapters", nargs="*",
+                        help="chapters to execute (default: every chapter in _toc.yml that uses the store)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel training processes (default 1)")
     parser.add_argument("--retrain", action="store_true", help="train every run again, even when stored")
     parser.add_argument("--allow-dirty", action="store_true",
@@ -464,7 +503,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     repo = PACKAGE_DIR.parent
     try:
         check_positive("--jobs", args.jobs, integer=True)
-        chapters = [Path(c) for c in args.chapters] or toc_chapters(repo)
+        chapters = [Path(c) for c in args.chapters] or store_chapters(repo)
         for chapter in chapters:
             if not chapter.is_file():
                 raise ValueError(f"chapter {chapter} does not exist.")

@@ -150,6 +150,7 @@ def fit(
     progress: bool = True,
     meta: Optional[dict] = None,
     max_steps: Optional[int] = None,
+    checkpoint: Union[str, Path, None] = None,
 ) -> History:
     """Train ``model`` with ``method`` = ``"forward"`` or ``"backprop"`` and record a History.
 
@@ -170,6 +171,12 @@ def fit(
     where and why (``diverged``, ``message``) and a warning says how to fix it.
     ``max_steps`` stops after that many steps, without a final evaluation: replaying the
     start of a stored run (``fgtutor.store.replay``) needs no more.
+
+    ``checkpoint`` (a file path) makes the run resumable: after every epoch the model,
+    optimizer, schedule, both random generators and the history are written there
+    atomically, a call with the same run and path continues after the last finished epoch
+    (with exactly the history an uninterrupted run would have), and the file is removed
+    when the run ends.
     """
     check_choice("method", method, METHODS)
     check_positive("epochs", epochs, integer=True)
@@ -221,12 +228,28 @@ def fit(
         eval_seconds += time.perf_counter() - start
         history.epochs.append({**row, "train_seconds": train_seconds, "eval_seconds": eval_seconds})
 
-    record(0)
+    generators = {"data_order": data_order}
+    if method == "forward":
+        generators["tangents"] = estimate.generator
+    first_epoch = 1
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = _load_checkpoint(checkpoint, history.meta)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        for name, generator in generators.items():
+            generator.set_state(state["generators"][name])
+        history = History(**state["history"])
+        train_seconds, eval_seconds = history.epochs[-1]["train_seconds"], history.epochs[-1]["eval_seconds"]
+        first_epoch = history.epochs[-1]["epoch"] + 1
+    else:
+        record(0)
     steps_per_epoch = math.ceil(len(Y) / batch_size)
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"{method} {type(model).__name__}",
-               disable=not progress, mininterval=1.0, leave=False)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=(first_epoch - 1) * steps_per_epoch,
+               desc=f"{method} {type(model).__name__}", disable=not progress, mininterval=1.0, leave=False)
     model.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         synchronize(device)
         start = time.perf_counter()
         for x, y in batches(X, Y, batch_size, generator=data_order):
@@ -257,8 +280,47 @@ def fit(
         if schedule is not None and schedule_every == "epoch":
             schedule.step()
         record(epoch)
+        if checkpoint is not None and epoch < epochs:
+            _save_checkpoint(checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict() if schedule is not None else None,
+                "generators": {name: g.get_state() for name, g in generators.items()},
+                "history": asdict(history)})
     bar.close()
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     return history
+
+
+# what may differ between an interrupted run and its resumption
+_RESUMABLE_META = ("threads", "device", "torch", "python")
+
+
+def _save_checkpoint(path: Union[str, Path], state: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(path: Union[str, Path], meta: dict) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["history"]["meta"]
+    except Exception as exc:
+        raise ValueError(f"checkpoint={str(path)!r} is not a readable fgtutor checkpoint ({exc}); "
+                         "delete it to start the run from scratch.") from exc
+    differs = sorted(k for k in set(saved) | set(meta) if k not in _RESUMABLE_META and saved.get(k) != meta.get(k))
+    if differs:
+        raise ValueError(f"checkpoint={str(path)!r} belongs to another run (it differs in {', '.join(differs)}); "
+                         "delete it, or pass another path, to start this run from scratch.")
+    return state
 
 
 def train_model(

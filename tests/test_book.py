@@ -1,5 +1,6 @@
 """The book: chapter conventions, and every chapter executed through papermill with tiny
 parameters (the full-size run is `make book`). These tests need MNIST: `make test` fetches it."""
+import ast
 import re
 from pathlib import Path
 
@@ -17,10 +18,11 @@ CHAPTERS = [ROOT / f"{entry['file']}.ipynb" for entry in TOC["chapters"]]
 # Small enough to run each chapter in seconds; every code path still runs.
 TINY = {
     "testfns": {"beale_steps": 20, "rosenbrock_steps": 20, "sample_sizes": [5, 20], "n_arrows": 3},
-    "mlp": {"epochs": 1, "n_train": 256, "n_shuffles": 5},
+    "mlp": {"epochs": 1, "n_train": 256, "seeds": [0, 1], "logreg_epochs": 1, "schedule_epochs": 1,
+            "n_shuffles": 5},
     "convnet": {"epochs": 1, "n_train": 128, "batch_size": 32},
-    "lr_search": {"forward_lrs": [1e-4, 1e-3, 1e-2], "backprop_lrs": [1e-2, 1e-1, 1.0], "decays": [1e-4],
-                  "search_n_train": 128, "final_n_train": 128, "final_epochs": 1},
+    "lr_search": {"forward_lrs": [1e-4, 1e-3, 1e-2], "backprop_lrs": [1e-2, 1e-1, 1.0], "short_n_train": 128,
+                  "search_n_train": 256, "search_epochs": 1, "final_epochs": 1, "seeds": [0, 1]},
     "cost": {"repeats": 2, "warmup": 1, "large_batch": 256, "loading_images": 2000},
 }
 GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")
@@ -81,7 +83,7 @@ def test_chapter_runs_with_tiny_parameters_and_glues_every_number_its_prose_quot
 ])
 def test_a_bad_parameter_value_fails_the_run_with_the_validation_message(params, message, tmp_path):
     with pytest.raises(Exception, match=re.escape(message)):
-        run_chapter(ROOT / "book/mlp.ipynb", tmp_path / "out.ipynb", {"epochs": 1, "n_train": 64, **params},
+        run_chapter(ROOT / "book/mlp.ipynb", tmp_path / "out.ipynb", {"epochs": 1, "n_train": 64, "seeds": [0], **params},
                     progress=False)
     assert not (tmp_path / "out.ipynb").exists()
     assert (tmp_path / "out.failed.ipynb").exists(), "the failed run is kept for inspection"
@@ -91,6 +93,17 @@ def test_an_unknown_parameter_name_is_rejected_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="no parameter named 'epoch'.*epochs"):
         run_chapter(ROOT / "book/mlp.ipynb", tmp_path / "out.ipynb", {"epoch": 50})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_every_assignment_in_the_parameters_cell_can_be_set(path):
+    # papermill silently skips a line it cannot parse (e.g. a comment holding "="), which
+    # would make a declared parameter impossible to override
+    nb = nbformat.read(path, as_version=4)
+    [cell] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert assigned == set(chapter_parameters(path))
 
 
 def test_chapter_parameters_lists_the_parameters_cell():

@@ -132,6 +132,19 @@ class TestPlotLoss:
     def test_title(self, histories):
         assert plots.plot_loss(histories, title="hello").axes[0].get_title() == "hello"
 
+    def test_a_list_of_seeds_is_drawn_as_its_mean(self):
+        a, b = history("forward"), history("forward")
+        b.step_loss = [v + 1.0 for v in b.step_loss]
+        ax = plots.plot_loss({"forward": [a, b]}).axes[0]
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), np.array(a.step_loss) + 0.5)
+        assert "2 seeds" in ax.get_legend().get_texts()[0].get_text()
+
+    def test_stored_block_means_sit_at_the_middle_of_their_block(self):
+        run = history("forward", n_steps=4)
+        run.step_every = 10
+        ax = plots.plot_loss({"forward": run}).axes[0]
+        np.testing.assert_allclose(ax.lines[0].get_xdata(), [5, 15, 25, 35])
+
 
 class TestPlotCurves:
     def test_two_by_two_axes_with_one_line_per_run(self, histories):
@@ -156,6 +169,22 @@ class TestPlotCurves:
         runs = {"forward": history("forward", sets=("test", "val"))}
         fig = plots.plot_curves(runs, eval_set="val")
         assert "val" in fig.axes[0].get_ylabel()
+
+    def test_seeds_are_drawn_as_a_mean_line_and_a_min_max_band(self):
+        a, b = history("forward"), history("forward")
+        for row in b.epochs:
+            row["test_loss"] += 0.2
+            row["train_seconds"] += 1.0
+        fig = plots.plot_curves({"forward": [a, b]})
+        top_loss, _, bottom_loss, _ = fig.axes
+        np.testing.assert_allclose(top_loss.lines[0].get_ydata(), [r["test_loss"] - 0.1 for r in b.epochs])
+        np.testing.assert_allclose(bottom_loss.lines[0].get_xdata(), [r["train_seconds"] - 0.5 for r in b.epochs])
+        assert len(top_loss.collections) == 1, "one band per group"
+        renders(fig)
+
+    def test_a_seed_that_stopped_early_cuts_the_group_at_its_last_epoch(self):
+        a, b = history("forward"), history("forward", n_epochs=1)
+        assert len(plots.plot_curves({"forward": [a, b]}).axes[0].lines[0].get_xdata()) == 2
 
     def test_unknown_eval_set_raises_value_error(self, histories):
         with pytest.raises(ValueError, match="val"):

@@ -522,3 +522,69 @@ class TestTrainModel:
         bad = (torch.zeros(8, 784), torch.zeros(7, dtype=torch.long))
         with pytest.raises(ValueError, match="test"):
             train_model("logreg", "backprop", tiny["train"], {"test": bad}, device="cpu", progress=False)
+
+
+# -- resumable training ------------------------------------------------------------------
+
+KILLED_RUN = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+import fgtutor.train as train_mod
+from test_train import separable, small_mlp
+real = train_mod._save_checkpoint
+def save_then_die(path, state):
+    real(path, state)
+    if state["history"]["epochs"][-1]["epoch"] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, mid-run
+train_mod._save_checkpoint = save_then_die
+torch.manual_seed(0)
+model = small_mlp()
+opt = torch.optim.SGD(model.parameters(), **{settings!r})
+train_mod.fit(model, {method!r}, opt, separable(256, seed=1), {{"test": separable(200, seed=2)}}, epochs=4,
+              batch_size=32, schedule=train_mod.exp_decay(opt, 1e-2), progress=False, checkpoint=sys.argv[1])
+"""
+
+
+# forward gradient with plain SGD (the fused step the book uses), backprop with momentum
+# (optimizer state to restore)
+SETTINGS = {"forward": {"lr": 0.002}, "backprop": {"lr": 0.05, "momentum": 0.9}}
+
+
+def resumable_fit(method, data, checkpoint=None):
+    torch.manual_seed(0)
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), **SETTINGS[method])
+    return fit(model, method, opt, data["train"], {"test": data["test"]}, epochs=4, batch_size=32,
+               schedule=train_mod.exp_decay(opt, 1e-2), progress=False, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("method", ["forward", "backprop"])
+def test_a_killed_run_resumes_from_its_checkpoint_with_the_history_of_an_uninterrupted_run(method, data, tmp_path):
+    import subprocess
+    import sys
+    checkpoint = tmp_path / "run.pt"
+    script = KILLED_RUN.format(tests=os.path.dirname(__file__), method=method, settings=SETTINGS[method])
+    proc = subprocess.run([sys.executable, "-c", script, str(checkpoint)], capture_output=True, text=True)
+    assert proc.returncode == -15, proc.stderr  # killed by SIGTERM after epoch 2
+    assert checkpoint.exists()
+    resumed = resumable_fit(method, data, checkpoint)
+    whole = resumable_fit(method, data)
+    assert resumed.step_loss == whole.step_loss
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
+    assert strip(resumed.epochs) == strip(whole.epochs)
+    assert [r["epoch"] for r in resumed.epochs] == [0, 1, 2, 3, 4]
+    assert not checkpoint.exists(), "the checkpoint is removed when the run ends"
+    assert not list(tmp_path.glob(".*")), "no temporary files left behind"
+
+
+def test_a_checkpoint_of_another_run_is_refused_by_name(data, tmp_path):
+    checkpoint = tmp_path / "run.pt"
+    torch.manual_seed(0)
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    train_mod._save_checkpoint(checkpoint, {"history": {"meta": {"method": "backprop", "epochs": 9}}})
+    with pytest.raises(ValueError, match="belongs to another run.*epochs"):
+        fit(model, "backprop", opt, data["train"], epochs=2, batch_size=32, progress=False, checkpoint=checkpoint)
+    checkpoint.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable fgtutor checkpoint.*delete it"):
+        fit(model, "backprop", opt, data["train"], epochs=2, batch_size=32, progress=False, checkpoint=checkpoint)

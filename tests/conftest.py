@@ -1,0 +1,16 @@
+"""Shared test set-up: the tests never read or write the book's committed results store.
+
+Runs the tests train (the chapters' tiny runs, the store's own tests) go to a temporary
+store; tests of the committed store (the replay check) name ``results/`` explicitly.
+"""
+import os
+import tempfile
+
+REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+
+
+def pytest_configure(config):
+    os.environ["FGTUTOR_RESULTS"] = tempfile.mkdtemp(prefix="fgtutor-test-results-")
+    os.environ["FGTUTOR_STORE"] = "train"
+    for name in ("FGTUTOR_JOBS", "FGTUTOR_RETRAIN", "FGTUTOR_STORE_LOG"):
+        os.environ.pop(name, None)

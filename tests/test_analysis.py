@@ -1,0 +1,61 @@
+"""Reading groups of runs: tables over seeds, mean ± sd, and the paper's time-to-loss."""
+import math
+
+import numpy as np
+import pytest
+
+from fgtutor.analysis import (epoch_table, final_scores, mean_sd, ms_per_step, search_table, time_to_loss,
+                              time_to_loss_ratio)
+from fgtutor.train import History
+
+
+def run(losses, seconds, seed=0, diverged=False, accuracy=None) -> History:
+    rows = [{"epoch": e, "step": 10 * e, "test_loss": loss, "train_seconds": t,
+             "test_accuracy": (accuracy or [0.5] * len(losses))[e], "val_loss": loss, "val_accuracy": 0.5}
+            for e, (loss, t) in enumerate(zip(losses, seconds))]
+    return History(meta={"seed": seed}, epochs=rows, diverged=diverged)
+
+
+def test_epoch_table_has_a_column_per_seed_and_nan_where_a_run_stopped():
+    table = epoch_table([run([2.0, 1.0, 0.5], [0, 1, 2], seed=0), run([2.0, 1.5], [0, 1], seed=1)], "test_loss")
+    assert list(table.columns) == [0, 1] and list(table.index) == [0, 1, 2]
+    assert table.loc[2, 0] == 0.5 and math.isnan(table.loc[2, 1])
+    with pytest.raises(ValueError, match="column='nope' is not recorded"):
+        epoch_table([run([1.0], [0])], "nope")
+
+
+def test_final_scores_are_mean_and_sample_sd_over_seeds():
+    groups = {"a": [run([2.0, 1.0], [0, 10]), run([2.0, 3.0], [0, 20], diverged=True)]}
+    row = final_scores(groups).loc["a"]
+    assert row["test_loss mean"] == 2.0 and row["test_loss sd"] == pytest.approx(math.sqrt(2))
+    assert row["train_seconds mean"] == 15 and row["runs"] == 2 and row["diverged"] == 1
+
+
+def test_time_to_loss_interpolates_between_evaluations():
+    r = run([2.0, 1.0, 0.5], [0, 10, 20])
+    assert time_to_loss(r, 1.0) == 10
+    assert time_to_loss(r, 1.5) == 5
+    assert time_to_loss(r, 0.75) == 15
+    assert time_to_loss(r, 2.5) == 0.0
+    assert math.isnan(time_to_loss(r, 0.1))
+
+
+def test_time_to_loss_ratio_pairs_seeds_and_skips_pairs_that_never_got_there():
+    fast = [run([2.0, 1.0], [0, 5]), run([2.0, 1.0], [0, 15]), run([2.0, 1.9], [0, 5])]
+    slow = [run([2.0, 1.0], [0, 10]), run([2.0, 1.0], [0, 10]), run([2.0, 1.0], [0, 10])]
+    mean, sd = time_to_loss_ratio(fast, slow, 1.0)
+    assert mean == pytest.approx(1.0) and sd == pytest.approx(np.std([0.5, 1.5], ddof=1))
+    assert all(map(math.isnan, time_to_loss_ratio(fast[2:], slow[2:], 1.0)))
+
+
+def test_ms_per_step_and_mean_sd_formatting():
+    assert ms_per_step([run([2.0, 1.0], [0, 1.0]), run([2.0, 1.0], [0, 2.0])]) == pytest.approx(150.0)
+    assert mean_sd(0.91234, 0.00456) == "0.912 ± 0.005"
+    assert mean_sd(0.91234, float("nan")) == "0.912"
+
+
+def test_search_table_blanks_the_scores_of_diverged_runs():
+    configs = [{"method": "forward", "lr": 0.1, "decay": 1e-4}, {"method": "forward", "lr": 1.0, "decay": 1e-4}]
+    table = search_table(configs, [run([2.0, 1.0], [0, 1]), run([2.0, 9.0], [0, 1], diverged=True)])
+    assert table["val_loss"].tolist()[0] == 1.0 and math.isnan(table["val_loss"].tolist()[1])
+    assert table["diverged"].tolist() == [False, True]
