@@ -35,10 +35,13 @@ def epoch_table(group: Sequence[History], column: str) -> pd.DataFrame:
 def final_scores(groups: Groups, columns: Sequence[str] = ("test_loss", "test_accuracy", "train_seconds")
                  ) -> pd.DataFrame:
     """Mean and standard deviation over seeds of each run's last ``columns``, one row per
-    group; ``runs`` counts the seeds and ``diverged`` how many of them diverged."""
+    group; ``runs`` counts the seeds and ``diverged`` how many of them diverged. A run that
+    diverged has no final loss or accuracy (NaN, left out of the mean): its last evaluation
+    is of a model that was still training."""
     rows = {}
     for label, group in groups.items():
-        finals = pd.DataFrame([{c: run.final(c) for c in columns} for run in group])
+        finals = pd.DataFrame([{c: np.nan if run.diverged and not c.endswith("seconds") else run.epochs[-1][c]
+                                for c in columns} for run in group])
         row = {"runs": len(group), "diverged": sum(run.diverged for run in group)}
         for c in columns:
             row[f"{c} mean"] = finals[c].mean()
@@ -49,7 +52,7 @@ def final_scores(groups: Groups, columns: Sequence[str] = ("test_loss", "test_ac
 
 def ms_per_step(group: Sequence[History]) -> float:
     """Mean training milliseconds per step over the runs of a group."""
-    return float(np.mean([1000 * run.final("train_seconds") / max(1, run.epochs[-1]["step"]) for run in group]))
+    return float(np.mean([1000 * run.epochs[-1]["train_seconds"] / max(1, run.epochs[-1]["step"]) for run in group]))
 
 
 def time_to_loss(run: History, target: float, column: str = "test_loss") -> float:

@@ -23,7 +23,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,7 +35,7 @@ from .forward import ForwardGradient, rademacher_
 from .losses import cross_entropy
 from .models import MODELS, make_model
 from .optim import forward_step, sgd_along
-from .utils import check_choice, check_positive, pick_device, synchronize
+from .utils import atomic_write, check_choice, check_positive, check_writable, pick_device, synchronize
 
 LR = 1e-6  # tiny, so that the weights barely move while they are timed
 PARTS = ("sample tangents", "forward-mode pass", "update")
@@ -255,15 +254,7 @@ def machine() -> dict:
 
 def write_json(results: dict, path: Path) -> None:
     """Write atomically: a temporary file beside ``path``, renamed when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(results, indent=1))
 
 
 def _frame_to_json(df: pd.DataFrame) -> list:
@@ -297,6 +288,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_positive("batch", batch, integer=True)
         check_positive("warmup", args.warmup, integer=True, allow_zero=True)
         pick_device(args.device)
+        check_writable("--json", args.json)
     except ValueError as exc:
         parser.error(str(exc))
 

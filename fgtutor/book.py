@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .utils import check_writable
+
 
 def in_colab() -> bool:
     """True inside Google Colab."""
@@ -70,7 +72,8 @@ def run_chapter(notebook: str | Path, output: str | Path | None = None, paramete
         allowed = ", ".join(f"{k} (default {v})" for k, v in declared.items())
         raise ValueError(f"{notebook.name} has no parameter named {', '.join(map(repr, unknown))}. "
                          f"Its parameters are: {allowed}.")
-    output = Path(output) if output else Path("runs") / f"{notebook.stem}-out.ipynb"
+    output = check_writable("output", Path(output) if output else Path("runs") / f"{notebook.stem}-out.ipynb",
+                            not_same_as=notebook)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.stem}.partial.ipynb")
     try:
@@ -87,16 +90,22 @@ def run_chapter(notebook: str | Path, output: str | Path | None = None, paramete
 
 def parse_value(text: str) -> Any:
     """Read a command-line value: int, then float (``1e-3`` too, which YAML reads as a
-    string), then YAML (``true``, ``null``, ``[1, 2]``), else the text itself."""
+    string), then YAML (``true``, ``null``, ``[1, 2]``), else the text itself. Inside a
+    list or dict, strings that read as numbers (``[1e-4, 1e-3]``) become numbers too."""
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, list):
+        return [parse_value(v) if isinstance(v, str) else v for v in value]
+    if isinstance(value, dict):
+        return {k: parse_value(v) if isinstance(v, str) else v for k, v in value.items()}
+    return value
 
 
 def main(argv: Optional[list[str]] = None) -> int:

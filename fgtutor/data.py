@@ -188,11 +188,27 @@ def _install(staged: Dict[str, Path], root: Path, names: Sequence[str]) -> None:
         raise _SourceError("; ".join(problems))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process: alive
+        return True
+    return True
+
+
 def _staging_dir(root: Path) -> Path:
-    """Create a temporary directory inside ``raw_dir(root)`` (same filesystem)."""
+    """Create a temporary directory inside ``raw_dir(root)`` (same filesystem), named
+    after this process, after removing those of fetches whose process is gone (killed
+    with SIGKILL or SIGTERM, they could not clean up after themselves)."""
     raw = raw_dir(root)
     raw.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".fgtutor-tmp-", dir=raw))
+    for old in raw.glob(".fgtutor-tmp-*"):
+        pid = old.name.split("-")[2]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".fgtutor-tmp-{os.getpid()}-", dir=raw))
 
 
 # --------------------------------------------------------------------------
@@ -408,7 +424,11 @@ def batches(
     Arguments are checked here, not at the first ``next()``, so mistakes
     surface where the call is written.
     """
+    if not isinstance(X, torch.Tensor) or not isinstance(Y, torch.Tensor):
+        raise ValueError(f"X and Y must be tensors, got {type(X).__name__} and {type(Y).__name__}")
     n = _check_pair(X, Y)
+    if n == 0:
+        raise ValueError("X and Y are empty: there is nothing to make batches of")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive int")
     return _iter_batches(X, Y, n, batch_size, shuffle, generator)

@@ -36,7 +36,7 @@ from torch.func import functional_call, jvp
 
 from . import fastjvp
 from .losses import cross_entropy
-from .utils import check_choice, check_positive
+from .utils import check_choice, check_positive, check_generator
 
 SAMPLERS = ("gaussian", "rademacher")
 
@@ -125,6 +125,8 @@ def sample_(tangent: Tensor, sampler: str = "gaussian", generator: Optional[torc
 def sample_tangents(params: Params, sampler: str = "gaussian", generator: Optional[torch.Generator] = None) -> Params:
     """A random tangent with the structure, shapes, dtypes and devices of ``params``."""
     check_sampler(sampler)
+    check_generator(generator)
+    _check_params(params)
     return _tree_map(lambda p: sample_(torch.empty_like(p), sampler, generator), params)
 
 
@@ -151,6 +153,10 @@ def forward_gradient(
     """
     _check_num_tangents(num_tangents)
     check_sampler(sampler)
+    check_generator(generator)
+    if not callable(f):
+        raise ValueError(f"f={f!r} is not allowed: use a function of params that returns a scalar tensor.")
+    _check_params(params)
     grads = None
     for _ in range(num_tangents):
         v = sample_tangents(params, sampler, generator)
@@ -160,6 +166,18 @@ def forward_gradient(
         else:
             grads = _tree_map(lambda g, t: g.add_(t * (dd / num_tangents)), grads, v)
     return value, grads
+
+
+def _check_params(params: Params) -> None:
+    leaves = [params] if isinstance(params, Tensor) else list(params.values()) if isinstance(params, dict) else (
+        list(params) if isinstance(params, (tuple, list)) else None)
+    if not leaves or not all(isinstance(t, Tensor) for t in leaves):
+        raise ValueError(f"params must be a tensor or a non-empty dict, tuple or list of tensors, got "
+                         f"{type(params).__name__}.")
+    bad = [t.dtype for t in leaves if not t.is_floating_point()]
+    if bad:
+        raise ValueError(f"params must be floating-point tensors (a derivative needs real numbers), got {bad[0]}: "
+                         "convert them with .float().")
 
 
 def _check_num_tangents(num_tangents: int) -> None:
@@ -218,8 +236,11 @@ class ForwardGradient:
         generator: Optional[torch.Generator] = None,
         fast: bool = True,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model={model!r} is not allowed: use a torch.nn.Module, e.g. fgtutor.models.MLP().")
         _check_num_tangents(num_tangents)
         check_sampler(sampler)
+        check_generator(generator)
         if clip is not None and not clip > 0:
             raise ValueError(f"clip={clip!r} is not allowed: use a positive number, or None for no clipping.")
         self.model, self.loss_fn = model, loss_fn
@@ -231,7 +252,11 @@ class ForwardGradient:
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            loss, dd = self.directional_derivative(self.sample(), x, y)
+            try:
+                loss, dd = self.directional_derivative(self.sample(), x, y)
+            except RuntimeError as exc:  # e.g. inputs of the wrong shape: say where, in one line
+                raise ValueError(f"{type(self.model).__name__} cannot take x of shape {tuple(x.shape)} with y of "
+                                 f"shape {tuple(y.shape)}: {str(exc).splitlines()[0]}") from exc
             self.scale_(dd)
             if self.num_tangents > 1:  # further tangents go to one scratch buffer, added in
                 flat, extra = flat_buffer(self._views)
@@ -248,8 +273,13 @@ class ForwardGradient:
         once: tangents are drawn straight into it (one call for the whole model), so the
         estimator needs no memory beyond the gradients backprop would store."""
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        # rebuilt when the parameters changed under us: model.double(), .to(device) or
+        # another memory format convert the parameters and swap the storage of their
+        # gradients, so the old views would no longer be in the buffer tangents go to
         if self._views is None or self._views.keys() != named.keys() or any(
-                p.shape != self._views[n].shape for n, p in named.items()):
+                (p.shape, p.dtype, p.device, p.stride()) != (v.shape, v.dtype, v.device, v.stride())
+                or v.untyped_storage().data_ptr() != self._flat.untyped_storage().data_ptr()
+                for n, p in named.items() for v in [self._views[n]]):
             self._flat, self._views = flat_buffer(named)
         for name, p in named.items():
             if p.grad is not self._views[name]:  # e.g. optimizer.zero_grad() set it to None

@@ -73,7 +73,10 @@ MODELS = {"logreg": LogisticRegression, "mlp": MLP, "convnet": ConvNet}
 def make_model(name: str, **kwargs) -> nn.Module:
     """Build a model by name: ``"logreg"``, ``"mlp"`` or ``"convnet"``."""
     check_choice("model", name, tuple(MODELS))
-    return MODELS[name](**kwargs)
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {name!r} does not take {', '.join(map(repr, kwargs))}: {exc}") from exc
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -20,12 +20,13 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .forward import ForwardGradient
 from .losses import cross_entropy
-from .utils import check_positive
+from .utils import check_positive, check_type
 
 
 def exp_decay(optimizer: torch.optim.Optimizer, k: float) -> LambdaLR:
     r"""The paper's per-iteration schedule :math:`\eta_i = \eta_0 e^{-k i}`; call ``.step()``
     after every optimizer step. ``k = 0`` keeps the rate constant."""
+    check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim optimizer")
     check_positive("k", k, allow_zero=True)
     return LambdaLR(optimizer, lambda i: math.exp(-k * i))
 

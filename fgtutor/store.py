@@ -13,9 +13,16 @@ A stored run holds everything needed to read and to reproduce it:
 * ``provenance``: fgtutor version, git commit (and whether the tree was dirty), date,
   machine, torch version, threads and wall-clock seconds.
 
-Modes, from the environment: ``FGTUTOR_STORE=readonly`` (``make book``, CI) turns a
-missing run into an error that says to run ``make results``; the default trains it.
-``FGTUTOR_RESULTS`` moves the store (tests use a temporary one); ``FGTUTOR_JOBS`` sets
+Where runs are read and written depends on ``FGTUTOR_STORE``:
+
+* unset (a reader running a chapter): runs are read from ``results/`` and from a private
+  cache (``runs/store``, or ``$FGTUTOR_CACHE``); missing ones train into the cache, so a
+  reader's own settings never land in the book's committed store;
+* ``results`` (``make results``): read from and written to ``results/``;
+* ``readonly`` (``make book``, CI): read from ``results/``; a missing run is an error that
+  says to run ``make results``, never hours of training.
+
+``FGTUTOR_RESULTS`` moves ``results/`` (tests use a temporary one); ``FGTUTOR_JOBS`` sets
 the number of parallel training processes.
 
 ``python -m fgtutor.store`` (``make results``) executes the chapters with training allowed,
@@ -34,7 +41,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -55,7 +61,7 @@ from .data import load_mnist, train_val_split
 from .forward import SAMPLERS
 from .models import MODELS
 from .train import METHODS, History, fit, train_model
-from .utils import check_choice, check_positive
+from .utils import atomic_write, check_choice, check_positive
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPLAY_STEPS = 100     # step losses kept exactly, for the replay check
@@ -146,6 +152,32 @@ def default_root() -> Path:
     return repo / "results" if (repo / "_toc.yml").is_file() else Path("results").resolve()
 
 
+def cache_root() -> Path:
+    """Where runs trained outside ``make results`` go: ``$FGTUTOR_CACHE``, else ``runs/store``
+    beside ``results/``."""
+    env = os.environ.get("FGTUTOR_CACHE")
+    return Path(env).expanduser() if env else default_root().parent / "runs" / "store"
+
+
+MODES = ("train", "results", "readonly")
+
+
+def store_roots(root: Union[str, Path, None] = None) -> tuple[list[Path], Optional[Path]]:
+    """The folders runs are read from, in order, and the one missing runs are written to
+    (None: training is not allowed), for the mode in ``$FGTUTOR_STORE``. An explicit
+    ``root`` is both (the readonly mode still forbids writing)."""
+    mode = os.environ.get("FGTUTOR_STORE", "") or "train"
+    check_choice("FGTUTOR_STORE", mode, MODES)
+    if root is not None:
+        return [Path(root)], None if mode == "readonly" else Path(root)
+    results = default_root()
+    if mode == "results":
+        return [results], results
+    if mode == "readonly":
+        return [results], None
+    return [results, cache_root()], cache_root()
+
+
 def run_path(config: dict, root: Union[str, Path, None] = None) -> Path:
     """Where the run of ``config`` is stored: ``<root>/<model>/<method>-<key>.json.gz``."""
     root = Path(root) if root is not None else default_root()
@@ -211,18 +243,7 @@ def save(config: dict, history: History, prov: dict, root: Union[str, Path, None
     record = {"format": FORMAT, "key": run_key(config), "config": config, "provenance": prov,
               "first_steps": history.step_loss[:REPLAY_STEPS], "history": stored}
     data = gzip.compress(json.dumps(record, separators=(",", ":")).encode(), mtime=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, data)
 
 
 def read(path: Union[str, Path]) -> dict:
@@ -242,10 +263,12 @@ def read(path: Union[str, Path]) -> dict:
 
 
 def load(config: dict, root: Union[str, Path, None] = None) -> Optional[History]:
-    """The stored History of ``config``, or None when it is not stored."""
+    """The stored History of ``config`` in ``root`` (default ``results/``), or None."""
     path = run_path(config, root)
-    if not path.exists():
-        return None
+    return _load_path(path) if path.exists() else None
+
+
+def _load_path(path: Path) -> History:
     record = read(path)
     history = History(**record["history"])
     history.meta["provenance"] = record["provenance"]
@@ -359,24 +382,26 @@ def train_runs(configs: Sequence[dict], *, retrain: bool = False, jobs: Optional
     retrain = retrain or os.environ.get("FGTUTOR_RETRAIN", "") not in ("", "0")
     jobs = jobs if jobs is not None else int(os.environ.get("FGTUTOR_JOBS", "1") or 1)
     check_positive("jobs", jobs, integer=True)
-    root = Path(root) if root is not None else default_root()
+    reads, write = store_roots(root)
     unique = {run_key(c): c for c in configs}
-    todo = {k: c for k, c in unique.items() if retrain or not run_path(c, root).exists()}
-    readonly = os.environ.get("FGTUTOR_STORE", "train") == "readonly"
-    if todo and readonly:
+    found = {k: next((run_path(c, r) for r in reads if run_path(c, r).exists()), None) for k, c in unique.items()}
+    todo = {k: c for k, c in unique.items() if retrain or found[k] is None}
+    if todo and write is None:
         listing = "\n".join(f"  - {describe(c)}" for c in list(todo.values())[:10])
         more = f"\n  … and {len(todo) - 10} more" if len(todo) > 10 else ""
         raise MissingRunsError(
             f"{len(todo)} of this chapter's {len(unique)} runs {'must be retrained' if retrain else 'are not stored'} "
-            f"in {root}, and this build does not train (FGTUTOR_STORE=readonly):\n{listing}{more}\n"
+            f"in {reads[0]}, and this build does not train (FGTUTOR_STORE=readonly):\n{listing}{more}\n"
             "Run `make results` (add JOBS=2 to train in parallel) to train and store them, then build again.")
-    print(f"{len(unique) - len(todo)} of {len(unique)} runs loaded from the store ({root}); {len(todo)} to train.")
+    print(f"{len(unique) - len(todo)} of {len(unique)} runs loaded from {', '.join(map(str, reads))}; "
+          f"{len(todo)} to train" + (f" into {write}." if todo else "."))
     if todo:
-        _train_missing(list(todo.values()), root, retrain, jobs, device, progress)
+        _train_missing(list(todo.values()), write, retrain, jobs, device, progress)
+        found.update({k: run_path(c, write) for k, c in todo.items()})
     histories = {}
     for key, config in unique.items():
-        histories[key] = load(config, root)
-        _log({"key": key, "path": str(run_path(config, root)), "trained": key in todo, "run": describe(config)})
+        histories[key] = _load_path(found[key])
+        _log({"key": key, "path": str(found[key]), "trained": key in todo, "run": describe(config)})
     return [histories[run_key(c)] for c in configs]
 
 
@@ -467,7 +492,7 @@ def stored_note(histories: Sequence[History]) -> str:
                        f"torch {p.get('torch', '?')})" for p in provs})
     seeds = sorted({h.meta.get("seed") for h in histories})
     when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
-    return (f"{len(histories)} runs ({len(seeds)} seeds: {', '.join(map(str, seeds))}) from the results store, "
+    return (f"{len(histories)} stored runs ({len(seeds)} seeds: {', '.join(map(str, seeds))}), "
             f"trained {when} at commit {', '.join(commits)} on {'; '.join(machines)}.")
 
 
@@ -519,7 +544,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "store-log.jsonl"
     log.unlink(missing_ok=True)
-    env = {"FGTUTOR_STORE": "train", "FGTUTOR_JOBS": str(args.jobs), "FGTUTOR_STORE_LOG": str(log),
+    env = {"FGTUTOR_STORE": "results", "FGTUTOR_JOBS": str(args.jobs), "FGTUTOR_STORE_LOG": str(log),
            "FGTUTOR_RETRAIN": "1" if args.retrain else "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -7,11 +7,11 @@ version the chapters use: it seeds, builds the model, SGD and the paper's schedu
 """
 from __future__ import annotations
 
+import inspect
+import io
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -32,7 +32,8 @@ from .forward import ForwardGradient
 from .losses import cross_entropy
 from .models import count_parameters, make_model
 from .optim import exp_decay, forward_step, fuses
-from .utils import check_choice, check_positive, make_generator, pick_device, seed_everything, synchronize
+from .utils import (atomic_write, check_choice, check_positive, check_type, make_generator, pick_device,
+                    seed_everything, synchronize)
 
 METHODS = ("forward", "backprop")
 Dataset = tuple[Tensor, Tensor]
@@ -49,6 +50,30 @@ def _check_dataset(name: str, data: Dataset) -> Dataset:
 
 
 @torch.no_grad()
+def _check_labels(model: nn.Module, sets: dict[str, Dataset]) -> None:
+    """Before any step is taken: the model accepts the inputs, and every label is an
+    integer class index it can output (a bad label would otherwise crash mid-epoch)."""
+    name, (X, _) = next(iter(sets.items()))
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(X[:1])
+    except RuntimeError as exc:
+        raise ValueError(f"{type(model).__name__} cannot take {name} inputs of shape {tuple(X.shape[1:])}: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    finally:
+        model.train(was_training)
+    classes = out.shape[-1]
+    for name, (_, Y) in sets.items():
+        if Y.dtype.is_floating_point or Y.dtype == torch.bool:
+            raise ValueError(f"{name} labels are {Y.dtype}: use integer class indices (Y.long()).")
+        low, high = int(Y.min()), int(Y.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"{name} has labels from {low} to {high}, but {type(model).__name__} outputs {classes} "
+                             f"classes: labels must lie in 0..{classes - 1}.")
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 1000,
              loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy) -> tuple[float, float]:
     """Mean loss and accuracy over *every* sample of ``(X, Y)``.
@@ -58,6 +83,7 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 1000,
     """
     X, Y = _check_dataset("(X, Y)", (X, Y))
     check_positive("batch_size", batch_size, integer=True)
+    _check_labels(model, {"(X, Y)": (X.to(next(model.parameters()).device), Y)})
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -99,35 +125,66 @@ class History:
         return df
 
     def final(self, column: str) -> float:
-        """The last recorded value of a per-epoch column, e.g. ``"test_accuracy"``."""
+        """The last recorded value of a per-epoch column, e.g. ``"test_accuracy"``.
+
+        For a run that diverged that is the score of its last finished epoch, not of a
+        trained model: a ``RuntimeWarning`` says so (check ``diverged`` first to handle it).
+        """
         if not self.epochs or column not in self.epochs[-1]:
             raise ValueError(f"column={column!r} is not recorded; have: {', '.join(self.epochs[-1]) if self.epochs else 'nothing'}.")
+        if self.diverged:
+            warnings.warn(f"final({column!r}) of a run that diverged is the value after epoch "
+                          f"{self.epochs[-1]['epoch']}, before it diverged: {self.message}", RuntimeWarning, stacklevel=2)
         return self.epochs[-1][column]
 
     def to_json(self, path: Union[str, Path, None] = None) -> str:
         """The history as JSON; written atomically to ``path`` when given."""
-        text = json.dumps(asdict(self), indent=1, allow_nan=True)
+        text = json.dumps(_strict(asdict(self)), indent=1, allow_nan=False)
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # write beside the target, then rename: never a half-written file
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            atomic_write(path, text)
         return text
 
     @classmethod
     def from_json(cls, source: Union[str, Path]) -> "History":
         """Read a history written by ``to_json`` (a path, or the JSON text itself)."""
-        text = str(source)
+        text, where = str(source), "the JSON text"
         if not text.lstrip().startswith("{"):
-            text = Path(source).read_text()
-        return cls(**json.loads(text))
+            where = str(source)
+            try:
+                text = Path(source).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read a History from {where}: {exc}") from exc
+        try:
+            fields = _unstrict(json.loads(text))
+            return cls(**fields)
+        except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{where} is not a History written by History.to_json "
+                             f"({type(exc).__name__}: {exc}).") from exc
+
+
+# Strict JSON has no NaN or infinity; a diverged run has both. They are written as these
+# strings and read back as floats.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _strict(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def _unstrict(obj):
+    if isinstance(obj, str) and obj in _NON_FINITE:
+        return _NON_FINITE[obj]
+    if isinstance(obj, dict):
+        return {k: _unstrict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unstrict(v) for v in obj]
+    return obj
 
 
 def fit(
@@ -178,17 +235,26 @@ def fit(
     (with exactly the history an uninterrupted run would have), and the file is removed
     when the run ends.
     """
+    check_type("model", model, nn.Module, "a torch.nn.Module")
     check_choice("method", method, METHODS)
+    check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim optimizer over the model's parameters")
+    if eval_sets is not None:
+        check_type("eval_sets", eval_sets, dict, 'a dict of named (X, Y) pairs, e.g. {"test": (X_test, Y_test)}')
+    check_positive("seed", seed, allow_zero=True, integer=True)
     check_positive("epochs", epochs, integer=True)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("eval_batch_size", eval_batch_size, integer=True)
     check_choice("schedule_every", schedule_every, ("step", "epoch"))
     if max_steps is not None:
         check_positive("max_steps", max_steps, integer=True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True): "
+                         "there is nothing to train.")
     device = next(model.parameters()).device
     X, Y = (t.to(device) for t in _check_dataset("train", train))
     eval_sets = {name: tuple(t.to(device) for t in _check_dataset(f"eval_sets[{name!r}]", data))
                  for name, data in (eval_sets or {}).items()}
+    _check_labels(model, {"train": (X, Y), **{f"eval_sets[{k!r}]": v for k, v in eval_sets.items()}})
 
     history = History(meta={
         "method": method, "model": type(model).__name__, "num_params": count_parameters(model),
@@ -297,16 +363,9 @@ _RESUMABLE_META = ("threads", "device", "torch", "python")
 
 
 def _save_checkpoint(path: Union[str, Path], state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def _load_checkpoint(path: Union[str, Path], meta: dict) -> dict:
@@ -347,6 +406,11 @@ def train_model(
     """
     check_positive("lr", lr)
     check_positive("decay", decay, allow_zero=True)
+    check_positive("momentum", momentum, allow_zero=True)
+    unknown = sorted(set(kwargs) - set(inspect.signature(fit).parameters) - {"meta"})
+    if unknown:
+        raise ValueError(f"train_model has no argument {', '.join(map(repr, unknown))}; besides its own it passes "
+                         f"these to fit: {', '.join(p for p in inspect.signature(fit).parameters if p not in ('model', 'method', 'optimizer', 'train', 'eval_sets', 'epochs', 'batch_size', 'schedule', 'seed', 'meta'))}.")
     if isinstance(model, nn.Module):
         raise ValueError("model must be a name (e.g. 'mlp') or a constructor (e.g. MLP), not a built "
                          "module: train_model seeds before building it, so that runs start from the same weights.")

@@ -1,10 +1,14 @@
 """Small shared helpers: argument checks, seeding (the one place seeds are set), devices."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 import random
+import tempfile
+from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -20,6 +24,20 @@ def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool 
     if not ok:
         what = "integer" if integer else "number"
         raise ValueError(f"{name}={value!r} is not allowed: use a {'non-negative' if allow_zero else 'positive'} {what}.")
+
+
+def check_type(name: str, value, kind, what: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an instance of ``kind``."""
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        shown = repr(value) if len(repr(value)) <= 60 else f"<a {type(value).__name__}>"
+        raise ValueError(f"{name}={shown} is not allowed: use {what}.")
+
+
+def check_generator(generator) -> None:
+    """``None`` or a ``torch.Generator``, else ``ValueError``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator={generator!r} is not allowed: use None or a torch.Generator, "
+                         "e.g. torch.Generator().manual_seed(0).")
 
 
 def check_choice(name: str, value, allowed) -> None:
@@ -94,3 +112,41 @@ def check_seeds(name: str, seeds) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"{name}={seeds!r} is not allowed: use a non-empty list of distinct seeds, e.g. [0, 1, 2].")
     return [int(s) for s in seeds]
+
+
+def check_writable(name: str, path: Union[str, Path], not_same_as: Union[str, Path, None] = None) -> Path:
+    """Check, before any work is done, that a result can be written to ``path``: it is
+    not a directory, its folder exists or can be made and is writable, and it is not
+    ``not_same_as`` (e.g. the input it would overwrite). ``ValueError`` names ``name``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}={str(path)!r} is a directory: give a file name, e.g. {path / 'out'}.")
+    if not_same_as is not None and path.resolve() == Path(not_same_as).resolve():
+        raise ValueError(f"{name}={str(path)!r} is the input itself and would overwrite it: choose another path.")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"{name}={str(path)!r} cannot be written: {folder} is not a writable folder.")
+    return path
+
+
+def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> Path:
+    """Write ``data`` to ``path`` all at once or not at all: into a temporary file beside
+    it, then renamed over it, so a reader (or a crash) never sees half a file. The file
+    gets the usual permissions (0666 minus the umask), not the temporary file's 0600."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give a file name to write to.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path

@@ -11,6 +11,7 @@ REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 def pytest_configure(config):
     os.environ["FGTUTOR_RESULTS"] = tempfile.mkdtemp(prefix="fgtutor-test-results-")
+    os.environ["FGTUTOR_CACHE"] = tempfile.mkdtemp(prefix="fgtutor-test-cache-")
     os.environ["FGTUTOR_STORE"] = "train"
     for name in ("FGTUTOR_JOBS", "FGTUTOR_RETRAIN", "FGTUTOR_STORE_LOG"):
         os.environ.pop(name, None)

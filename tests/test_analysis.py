@@ -25,10 +25,17 @@ def test_epoch_table_has_a_column_per_seed_and_nan_where_a_run_stopped():
 
 
 def test_final_scores_are_mean_and_sample_sd_over_seeds():
-    groups = {"a": [run([2.0, 1.0], [0, 10]), run([2.0, 3.0], [0, 20], diverged=True)]}
+    groups = {"a": [run([2.0, 1.0], [0, 10]), run([2.0, 3.0], [0, 20])]}
     row = final_scores(groups).loc["a"]
     assert row["test_loss mean"] == 2.0 and row["test_loss sd"] == pytest.approx(math.sqrt(2))
-    assert row["train_seconds mean"] == 15 and row["runs"] == 2 and row["diverged"] == 1
+    assert row["train_seconds mean"] == 15 and row["runs"] == 2 and row["diverged"] == 0
+
+
+def test_a_diverged_run_has_no_final_score_but_counts():
+    groups = {"a": [run([2.0, 1.0], [0, 10]), run([2.0, 3.0], [0, 20], diverged=True)]}
+    row = final_scores(groups).loc["a"]
+    assert row["test_loss mean"] == 1.0 and math.isnan(row["test_loss sd"])
+    assert row["train_seconds mean"] == 15 and row["diverged"] == 1
 
 
 def test_time_to_loss_interpolates_between_evaluations():

@@ -58,3 +58,10 @@ def test_main_rejects_a_bad_batch_size(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--batch", "0"])
     assert "batch=0 is not allowed" in capsys.readouterr().err
+
+
+def test_main_rejects_an_unwritable_json_path_before_measuring_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "measure_steps", lambda *a, **k: pytest.fail("measured before checking --json"))
+    with pytest.raises(SystemExit):
+        bench.main(["--json", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def test_every_assignment_in_the_parameters_cell_can_be_set(path):
 
 def test_chapter_parameters_lists_the_parameters_cell():
     params = chapter_parameters(ROOT / "book/mlp.ipynb")
-    assert {"epochs", "lr", "batch_size", "seed", "device", "model"} <= set(params)
+    assert {"epochs", "lr", "batch_size", "seeds", "device", "model", "retrain"} <= set(params)
 
 
 @pytest.mark.parametrize("text, value", [("50", 50), ("1e-3", 1e-3), ("0.5", 0.5), ("true", True),
@@ -121,3 +121,15 @@ def test_the_cli_rejects_an_unknown_parameter_with_exit_code_2(capsys):
     from fgtutor.book import main
     assert main([str(ROOT / "book/mlp.ipynb"), "-p", "epoch", "3"]) == 2
     assert "no parameter named 'epoch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output, message", [(".", "is a directory"), ("book/mlp.ipynb", "is the input itself")])
+def test_a_bad_output_path_is_rejected_before_the_chapter_runs(output, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=message):
+        run_chapter(ROOT / "book/mlp.ipynb", output, {"epochs": 1})
+    assert not list(ROOT.glob(".*partial*")) and not list((ROOT / "book").glob(".*partial*"))
+
+
+def test_lists_of_numbers_in_e_notation_are_numbers():
+    assert parse_value("[1e-4, 1e-3]") == [1e-4, 1e-3]

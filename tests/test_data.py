@@ -335,3 +335,20 @@ def test_real_mnist_train():
     assert X.shape == (60000, 1, 28, 28) and Y.shape == (60000,)
     assert X.mean().item() == pytest.approx(0.1307, abs=1e-3)
     assert torch.bincount(Y).tolist()[:2] == [5923, 6742]
+
+
+def test_a_new_fetch_removes_what_killed_fetches_left_behind(tmp_path):
+    import subprocess
+    import sys
+    from fgtutor.data import _staging_dir
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    raw = data.raw_dir(tmp_path)
+    raw.mkdir(parents=True)
+    litter = raw / f".fgtutor-tmp-{dead.stdout.strip()}-x1"
+    litter.mkdir()
+    (litter / "train-images-idx3-ubyte").write_bytes(b"0" * 1000)
+    running = raw / f".fgtutor-tmp-{os.getpid()}-x2"  # a fetch still in progress: left alone
+    running.mkdir()
+    new = _staging_dir(tmp_path)
+    assert not litter.exists() and running.exists() and new.is_dir()
+    assert new.name.startswith(f".fgtutor-tmp-{os.getpid()}-")

@@ -414,3 +414,22 @@ def test_rademacher_fills_any_layout_with_signs(make):
     strides = t.stride()
     rademacher_(t, torch.Generator().manual_seed(1))
     assert set(t.unique().tolist()) == {-1.0, 1.0} and t.stride() == strides
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.to(memory_format=torch.contiguous_format)],
+                         ids=["double", "contiguous_format"])
+def test_converting_the_model_after_the_first_step_keeps_fresh_tangents_in_p_grad(convert):
+    from fgtutor.models import ConvNet
+    torch.manual_seed(0)
+    model = ConvNet()
+    estimate = ForwardGradient(model, generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    estimate(x, y)
+    convert(model)
+    x = x.to(next(model.parameters()).dtype)
+    grads = []
+    for _ in range(2):
+        estimate(x, y)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert all(p.grad.dtype == p.dtype and p.grad.stride() == p.stride() for p in model.parameters())
+    assert not torch.equal(grads[0][0], grads[1][0]), "each call draws a new tangent into p.grad"

@@ -114,6 +114,24 @@ def test_a_readonly_build_fails_fast_on_a_missing_run_and_says_what_to_do(root, 
     assert train_runs([TINY], root=root, progress=False)[0].epochs
 
 
+def test_a_readers_runs_go_to_the_cache_and_make_results_runs_to_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("FGTUTOR_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("FGTUTOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FGTUTOR_STORE")
+    train_runs([TINY], progress=False)
+    assert list((tmp_path / "cache").glob("*/*.json.gz")) and not (tmp_path / "results").exists()
+    monkeypatch.setenv("FGTUTOR_STORE", "results")
+    trained = count_training(monkeypatch)
+    train_runs([TINY], progress=False)
+    assert len(trained) == 1 and list((tmp_path / "results").glob("*/*.json.gz"))
+    monkeypatch.delenv("FGTUTOR_STORE")
+    train_runs([TINY, dict(TINY, seed=1)], progress=False)  # both stores are read: only seed 1 trains
+    assert [c["seed"] for c in trained] == [0, 1]
+    monkeypatch.setenv("FGTUTOR_STORE", "bogus")
+    with pytest.raises(ValueError, match="FGTUTOR_STORE='bogus'"):
+        train_runs([TINY], progress=False)
+
+
 def test_parallel_jobs_store_the_same_runs_as_one_job(tmp_path):
     configs = [dict(TINY, seed=s) for s in (0, 1)]
     one = train_runs(configs, root=tmp_path / "one", progress=False, jobs=1)
@@ -144,7 +162,7 @@ def test_thin_averages_blocks_and_keeps_a_short_last_block():
 def test_stored_note_says_how_many_runs_seeds_when_and_where(root):
     runs = train_runs([TINY, dict(TINY, seed=1)], root=root, progress=False)
     note = stored_note(runs)
-    assert note.startswith("2 runs (2 seeds: 0, 1) from the results store, trained 20")
+    assert note.startswith("2 stored runs (2 seeds: 0, 1), trained 20")
     assert "commit" in note and "CPUs" in note
 
 

@@ -588,3 +588,26 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(data, tmp_path):
     checkpoint.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable fgtutor checkpoint.*delete it"):
         fit(model, "backprop", opt, data["train"], epochs=2, batch_size=32, progress=False, checkpoint=checkpoint)
+
+
+def test_history_json_is_strict_and_round_trips_non_finite_values(tmp_path):
+    h = History(meta={"method": "forward"}, step_loss=[2.3, float("nan"), float("inf")],
+                epochs=[{"epoch": 0, "test_loss": float("-inf")}], diverged=True, message="diverged")
+    text = h.to_json(tmp_path / "h.json")
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    back = History.from_json(tmp_path / "h.json")
+    assert math.isnan(back.step_loss[1]) and back.step_loss[2] == math.inf and back.epochs[0]["test_loss"] == -math.inf
+
+
+@pytest.mark.parametrize("content", ["garbage", '{"meta": {}, "step_l', '{"nonsense": 1}'])
+def test_history_from_a_bad_file_names_the_file(tmp_path, content):
+    path = tmp_path / "run.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path} is not a History"):
+        History.from_json(path)
+
+
+def test_final_of_a_diverged_run_warns_that_it_is_not_a_trained_score():
+    h = History(epochs=[{"epoch": 0, "test_loss": 2.3}], diverged=True, message="forward diverged at step 3")
+    with pytest.warns(RuntimeWarning, match="diverged.*epoch 0.*forward diverged at step 3"):
+        assert h.final("test_loss") == 2.3

@@ -104,3 +104,24 @@ def test_check_positive_integer_rejects_floats():
     check_positive("steps", 3, integer=True)
     with pytest.raises(ValueError, match="positive integer"):
         check_positive("steps", 3.0, integer=True)
+
+
+def test_atomic_write_writes_whole_files_with_the_usual_permissions(tmp_path):
+    import os
+    from fgtutor.utils import atomic_write
+    path = atomic_write(tmp_path / "sub" / "a.json", "{}")
+    assert path.read_text() == "{}"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]
+
+
+def test_check_writable_refuses_folders_the_input_itself_and_read_only_places(tmp_path):
+    from fgtutor.utils import check_writable
+    with pytest.raises(ValueError, match="is a directory"):
+        check_writable("output", tmp_path)
+    (tmp_path / "in.ipynb").write_text("{}")
+    with pytest.raises(ValueError, match="is the input itself"):
+        check_writable("output", tmp_path / "in.ipynb", not_same_as=tmp_path / "." / "in.ipynb")
+    assert check_writable("output", tmp_path / "new" / "out.ipynb") == tmp_path / "new" / "out.ipynb"
