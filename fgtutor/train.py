@@ -1,8 +1,10 @@
 """Training and evaluation loops shared by both methods.
 
 ``fit`` runs forward gradient and backprop through the *same* loop: the same model, data
-order (a generator seeded with ``seed``), loss, optimizer, schedule and evaluation. The
-only line that differs is where ``p.grad`` comes from. ``train_model`` is the one-call
+order (a generator seeded with ``seed``), loss, optimizer, schedule and evaluation. What
+differs is the training step: backprop fills ``p.grad`` with ``loss.backward()``; forward
+gradient estimates it in one forward-mode pass (``fgtutor.optim.forward_step``), and with
+plain SGD fuses the estimate into the update. ``train_model`` is the one-call
 version the chapters use: it seeds, builds the model, SGD and the paper's schedule.
 """
 from __future__ import annotations
@@ -211,8 +213,8 @@ def fit(
 ) -> History:
     """Train ``model`` with ``method`` = ``"forward"`` or ``"backprop"`` and record a History.
 
-    Each step: ``.grad`` from the forward-gradient estimate (which overwrites it: nothing
-    to zero) or from ``loss.backward()``, then ``optimizer.step()`` and ``schedule.step()``
+    Each step: ``.grad`` from ``loss.backward()`` (backprop) or from the forward-gradient
+    estimate (which overwrites it: nothing to zero), then ``optimizer.step()`` and ``schedule.step()``
     (per iteration, as in the paper; ``schedule_every="epoch"`` steps it once per epoch
     instead, as the original notebook did).
     After every epoch, and once before training, every set in ``eval_sets`` is scored on
@@ -220,7 +222,8 @@ def fit(
 
     With plain SGD the forward-gradient update is fused, ``θ ← θ − (lr·dd)·v`` in one pass
     over the weights (``fgtutor.optim.forward_step``): the same step as writing ``dd·v``
-    into ``p.grad`` and calling ``optimizer.step()``, with one memory pass fewer.
+    into ``p.grad`` and calling ``optimizer.step()``, with one memory pass fewer; after it
+    ``p.grad`` holds the tangent ``v``, not the estimate.
 
     The data order comes from a generator seeded with ``seed`` and the tangents from a
     second one seeded with ``seed + 1``, so two runs with the same seed see the same
