@@ -63,6 +63,10 @@ def test_chapter_follows_the_conventions(path):
     assert not [m for m in math if "{glue" in m], "put {glue:text} outside $...$"
     assert "## Summary" in markdown and "## References" in markdown and "footbibliography" in markdown
     assert "Run it at full scale" in markdown
+    # two to four exercises, each with a solution hidden in a dropdown
+    exercises = re.findall(r"```\{exercise\}\n:label: (\S+)", markdown)
+    solutions = re.findall(r"```\{solution(?:-start)?\} (\S+)\n:class: dropdown", markdown)
+    assert "## Exercises" in markdown and 2 <= len(exercises) <= 4 and sorted(solutions) == sorted(exercises)
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
