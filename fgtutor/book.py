@@ -1,4 +1,4 @@
-"""What the chapters need besides the science: glue, Colab detection, and a checked runner.
+"""What the chapters need besides the science: glue, and a checked runner.
 
 ``python -m fgtutor.book CHAPTER.ipynb [OUT.ipynb] -p epochs 50 -p lr 1e-3`` executes a
 chapter with papermill, like ``papermill`` itself, but first rejects parameter names the
@@ -16,11 +16,6 @@ from typing import Any, Optional
 import yaml
 
 from .utils import check_writable
-
-
-def in_colab() -> bool:
-    """True inside Google Colab."""
-    return "google.colab" in sys.modules
 
 
 def glue(name: str, value: Any, display: bool = False) -> Any:

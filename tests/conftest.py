@@ -6,6 +6,9 @@ store; tests of the committed store (the replay check) name ``results/`` explici
 import os
 import tempfile
 
+import torch
+from torch import nn
+
 REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 
 
@@ -15,3 +18,10 @@ def pytest_configure(config):
     os.environ["FGTUTOR_STORE"] = "train"
     for name in ("FGTUTOR_JOBS", "FGTUTOR_RETRAIN", "FGTUTOR_STORE_LOG"):
         os.environ.pop(name, None)
+
+
+def seeded(factory, seed: int = 0) -> nn.Module:
+    """Build a float64 module from a fixed seed without touching the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory().double()

@@ -18,7 +18,6 @@ from fgtutor.testfns import beale, optimize
 from fgtutor.train import History, evaluate, fit, sweep, train_model
 from fgtutor.utils import check_writable, pick_device, seed_everything
 
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")
 
 X = torch.randn(20, 1, 28, 28)
 Y = torch.randint(0, 10, (20,))

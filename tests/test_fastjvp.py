@@ -11,17 +11,12 @@ from torch.func import functional_call, jvp
 from fgtutor import fastjvp
 from fgtutor.losses import cross_entropy
 from fgtutor.models import MLP, ConvNet, LogisticRegression
+from conftest import seeded
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
 F64 = torch.float64
 TOL = dict(rtol=1e-4, atol=1e-10)
 
-
-def seeded(factory, seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory().double()
 
 
 def randn(*shape, seed: int = 0):

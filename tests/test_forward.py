@@ -18,17 +18,11 @@ from fgtutor.forward import (
 )
 from fgtutor.losses import cross_entropy
 from fgtutor.models import MLP, ConvNet
+from conftest import seeded
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
 F64 = torch.float64
 
-
-def seeded(factory, seed: int = 0) -> nn.Module:
-    """Build a float64 module from a fixed seed without touching the global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory().double()
 
 
 def batch(n: int = 4, seed: int = 0, shape=(1, 28, 28)):

@@ -13,16 +13,11 @@ from torch import nn
 from fgtutor.losses import cross_entropy
 from fgtutor.forward import ForwardGradient
 from fgtutor.optim import ForwardAdam, ForwardSGD, exp_decay, forward_step, is_plain_sgd
+from conftest import seeded
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
 F64 = torch.float64
 
-
-def seeded(factory, seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory().double()
 
 
 def classification_batch(step: int, n: int = 6):

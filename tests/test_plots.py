@@ -22,9 +22,6 @@ from fgtutor import plots  # noqa: E402
 from fgtutor.testfns import BEALE_MINIMUM, ROSENBROCK_MINIMUM, beale, optimize, rosenbrock  # noqa: E402
 from fgtutor.train import History  # noqa: E402
 
-# torch's jvp decompositions use the deprecated torch.jit.script; fgtutor.forward's filter is
-# installed at import, which pytest performs inside a warnings context that discards it.
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import torch
 
 from fgtutor.testfns import BEALE_MINIMUM, ROSENBROCK_MINIMUM, Trajectory, beale, optimize, rosenbrock
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
 F64 = torch.float64
 

@@ -19,9 +19,6 @@ from fgtutor.losses import cross_entropy
 from fgtutor.models import LogisticRegression
 from fgtutor.train import History, evaluate, fit, train_model
 
-# torch's jvp decompositions use the deprecated torch.jit.script; fgtutor.forward's filter is
-# installed at import, which pytest performs inside a warnings context that discards it.
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")
 
 N_TRAIN = 256
 BATCH = 32
