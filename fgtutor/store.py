@@ -511,7 +511,7 @@ def store_chapters(repo: Path) -> list[Path]:
     import yaml
     toc = yaml.safe_load((repo / "_toc.yml").read_text())
     chapters = [repo / f"{entry['file']}.ipynb" for entry in toc["chapters"]]
-    return [c for c in chapters if "train_runs(" in c.read_text()]
+    return [c for c in chapters if c.is_file() and "train_runs(" in c.read_text()]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
