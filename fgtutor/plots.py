@@ -94,7 +94,7 @@ def plot_loss(runs: Mapping[str, Union[Series, Sequence[History]]], smooth: int 
 
 
 def plot_curves(runs: Mapping[str, Union[History, Sequence[History]]], eval_set: str = "test",
-                title: Optional[str] = None) -> Figure:
+                title: str = "") -> Figure:
     """Loss and accuracy on ``eval_set`` against epoch (top) and training seconds (bottom).
 
     A value that is a list of Histories (one per seed) is drawn as its mean with a band
@@ -126,8 +126,6 @@ def plot_curves(runs: Mapping[str, Union[History, Sequence[History]]], eval_set:
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     axes[0, 0].legend()
-    if title is None:
-        title = f"{eval_set.capitalize()} loss and accuracy over every {eval_set} sample"
     if title:
         fig.suptitle(title)
     return fig
