@@ -27,6 +27,7 @@ TINY = {
     "cost": {"repeats": 2, "warmup": 1, "large_batch": 256, "loading_images": 2000},
 }
 GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")
+NUMREF = re.compile(r"\{numref\}`([^`<]+?)`|\{numref\}`[^`]*<([^>]+)>`")
 
 
 def glued_names(nb) -> set:
@@ -65,6 +66,13 @@ def test_chapter_follows_the_conventions(path):
     assert not [m for m in math if "{glue" in m], "put {glue:text} outside $...$"
     assert "## Summary" in markdown and "## References" in markdown and "footbibliography" in markdown
     assert "Run it at full scale" in markdown
+    # every figure has a name and a caption, and the prose refers to it by number
+    figures = [c for c in code if re.search(r"\bplot_\w+\(", c.source)]
+    names = [c.metadata.get("mystnb", {}).get("figure", {}).get("name") for c in figures]
+    assert all(names) and all(c.metadata["mystnb"]["figure"].get("caption") for c in figures)
+    referenced = {a or b for a, b in NUMREF.findall(markdown)}
+    assert set(names) <= referenced, f"figures never referred to by number: {set(names) - referenced}"
+    assert "title=" not in "".join(c.source for c in figures), "titles go in the caption, not the image"
     # two to four exercises, each with a solution hidden in a dropdown
     exercises = re.findall(r"```\{exercise\}\n:label: (\S+)", markdown)
     solutions = re.findall(r"```\{solution(?:-start)?\} (\S+)\n:class: dropdown", markdown)
@@ -79,6 +87,11 @@ def test_chapter_runs_with_tiny_parameters_and_glues_every_number_its_prose_quot
     assert not errors
     missing = referenced_names(nb) - glued_names(nb)
     assert referenced_names(nb) and not missing, f"prose refers to numbers that were not glued: {missing}"
+    # glue numbers, write sentences: a glued string would be a fragment of prose
+    texts = {o["metadata"]["scrapbook"]["name"]: o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code"
+             for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}
+    fragments = {k: v for k, v in texts.items() if v[:1] in "'\""}
+    assert not fragments, f"glued text instead of numbers: {fragments}"
     assert not list(tmp_path.glob(".*partial*")), "no partial output left behind"
 
 
