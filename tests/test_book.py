@@ -58,8 +58,9 @@ def test_chapter_follows_the_conventions(path):
     assert "google.colab" in code[0].source and CONFIG["repository"]["url"] in code[0].source
     tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
-    # the cell right after the parameters validates them
+    # the cell right after the parameters validates them; set-up is collapsed in the page
     assert "check_" in code[tagged[0] + 1].source
+    assert "hide-cell" in code[0].metadata.get("tags", []) and "hide-input" in code[tagged[0] + 1].metadata["tags"]
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     # roles are not expanded inside math: a glued number there would print as source
     math = re.findall(r"\$\$.*?\$\$|\$[^$]+\$", markdown, flags=re.S)
