@@ -488,7 +488,8 @@ def stored_note(histories: Sequence[History]) -> str:
     provs = [h.meta.get("provenance") or {} for h in histories]
     dates = sorted(p.get("date", "?")[:10] for p in provs)
     commits = sorted({(p.get("commit") or "unknown")[:7] + ("+dirty" if p.get("dirty") else "") for p in provs})
-    machines = sorted({f"{p.get('machine', '?')} ({p.get('cpus', '?')} CPUs, {p.get('device', '?')}, "
+    machines = sorted({f"{p.get('machine', '?')} ({p.get('cpus', '?')} CPUs, {p.get('threads', '?')} thread"
+                       f"{'s' if p.get('threads') != 1 else ''} per run, {p.get('device', '?')}, "
                        f"torch {p.get('torch', '?')})" for p in provs})
     seeds = sorted({h.meta.get("seed") for h in histories})
     when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
