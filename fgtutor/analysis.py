@@ -70,6 +70,15 @@ def time_to_loss(run: History, target: float, column: str = "test_loss") -> floa
     return float(t0 + (t1 - t0) * (v0 - target) / (v0 - v1))
 
 
+def common_target(groups: Groups, column: str = "test_loss") -> float:
+    """The highest final ``column`` among the runs that did not diverge: a loss that every
+    one of them reaches, so that the time-to-loss ratio is defined for every seed."""
+    finals = [run.epochs[-1][column] for group in groups.values() for run in group if not run.diverged]
+    if not finals:
+        raise ValueError("every run diverged: there is no loss they all reach.")
+    return float(max(finals))
+
+
 def time_to_loss_ratio(numerator: Sequence[History], denominator: Sequence[History], target: float,
                        column: str = "test_loss") -> tuple[float, float]:
     """The paper's measure: training seconds to reach ``target``, ``numerator`` over

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from fgtutor.analysis import (epoch_table, final_scores, mean_sd, ms_per_step, search_table, time_to_loss,
+from fgtutor.analysis import (common_target, epoch_table, final_scores, mean_sd, ms_per_step, search_table, time_to_loss,
                               time_to_loss_ratio)
 from fgtutor.train import History
 
@@ -66,3 +66,10 @@ def test_search_table_blanks_the_scores_of_diverged_runs():
     table = search_table(configs, [run([2.0, 1.0], [0, 1]), run([2.0, 9.0], [0, 1], diverged=True)])
     assert table["val_loss"].tolist()[0] == 1.0 and math.isnan(table["val_loss"].tolist()[1])
     assert table["diverged"].tolist() == [False, True]
+
+
+def test_the_common_target_is_the_worst_final_loss_of_the_runs_that_finished():
+    groups = {"a": [run([2.0, 1.0], [0, 1]), run([2.0, 1.5], [0, 1])], "b": [run([2.0, 9.0], [0, 1], diverged=True)]}
+    assert common_target(groups) == 1.5
+    with pytest.raises(ValueError, match="every run diverged"):
+        common_target({"b": groups["b"]})
