@@ -89,8 +89,9 @@ def test_chapter_runs_with_tiny_parameters_and_glues_every_number_its_prose_quot
     missing = referenced_names(nb) - glued_names(nb)
     assert referenced_names(nb) and not missing, f"prose refers to numbers that were not glued: {missing}"
     # glue numbers, write sentences: a glued string would be a fragment of prose
-    texts = {o["metadata"]["scrapbook"]["name"]: o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code"
-             for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}
+    texts = {o["metadata"]["scrapbook"]["name"]: o["data"][o["metadata"]["scrapbook"]["mime_prefix"] + "text/plain"]
+             for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if "scrapbook" in o.get("metadata", {})}
     fragments = {k: v for k, v in texts.items() if v[:1] in "'\""}
     assert not fragments, f"glued text instead of numbers: {fragments}"
     assert not list(tmp_path.glob(".*partial*")), "no partial output left behind"
