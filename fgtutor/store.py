@@ -442,8 +442,21 @@ def _train_missing(todo: list[dict], root: Path, retrain: bool, jobs: int, devic
 
 def replay(path: Union[str, Path], steps: int = 50) -> tuple[list[float], list[float]]:
     """Retrain the first ``steps`` steps of the run stored at ``path`` with its seeds and
-    return ``(stored, replayed)`` step losses, for comparison."""
+    return ``(stored, replayed)`` step losses, for comparison.
+
+    The replay uses the run's own number of CPU threads: another thread count sums in
+    another order, and at a large learning rate those last-bit differences grow within a
+    few steps."""
     record = read(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(record["provenance"].get("threads") or threads)
+    try:
+        return _replay(record, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay(record: dict, steps: int) -> tuple[list[float], list[float]]:
     config, stored = record["config"], record["first_steps"][:steps]
     train, _ = config_data(config)
     kwargs = _fit_kwargs(config)
@@ -464,8 +477,8 @@ class StaleRunError(AssertionError):
 def check_replay(path: Union[str, Path], steps: int = 50, rtol: float = 1e-4) -> float:
     """Replay the first ``steps`` steps of a stored run and raise ``StaleRunError`` naming
     the file when a step loss differs from the stored one by more than ``rtol`` (relative;
-    float noise from another thread count or CPU stays far below it). Returns the
-    largest relative difference seen."""
+    on the same CPU the replay is exact, and another CPU's float noise stays below it).
+    Returns the largest relative difference seen."""
     stored, replayed = replay(path, steps)
     worst = 0.0
     for i, (a, b) in enumerate(zip(stored, replayed)):
