@@ -459,14 +459,10 @@ def replay(path: Union[str, Path], steps: int = 50) -> tuple[list[float], list[f
 def _replay(record: dict, steps: int) -> tuple[list[float], list[float]]:
     config, stored = record["config"], record["first_steps"][:steps]
     train, _ = config_data(config)
-    kwargs = _fit_kwargs(config)
-    lr, decay, momentum = kwargs.pop("lr"), kwargs.pop("decay"), kwargs.pop("momentum")
-    kwargs.pop("epochs")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        _, history = train_model(_constructor(config), config["method"], train, {}, lr=lr, decay=decay,
-                                 momentum=momentum, epochs=config["epochs"], progress=False, device="cpu",
-                                 max_steps=len(stored), **kwargs)
+        _, history = train_model(_constructor(config), config["method"], train, {}, progress=False, device="cpu",
+                                 max_steps=len(stored), **_fit_kwargs(config))
     return stored, history.step_loss
 
 
