@@ -5,7 +5,7 @@ PYTHON_SYS ?= python3
 VENV       := .venv
 BIN        := $(VENV)/bin
 PYTHON     := $(BIN)/python
-# MNIST lives here (see fgtutor/data.py); override with `make FGTUTOR_DATA=/path ...`
+# MNIST lives here (see fgtutor/mnist.py); override with `make FGTUTOR_DATA=/path ...`
 export FGTUTOR_DATA ?= $(HOME)/.cache/fgtutor
 # run one chapter with papermill: make run NB=book/mlp.ipynb PARAMS="-p epochs 50"
 NB     ?= book/mlp.ipynb
@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 data: setup
-	$(PYTHON) -m fgtutor.data
+	$(PYTHON) -m fgtutor.mnist
 
 test: setup data
 	$(PYTHON) -m pytest

@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 
 from .data import batches, default_root, load_mnist
-from .forward import ForwardGradient, rademacher_
+from .forward import ForwardGradient
+from .tangents import rademacher_
 from .losses import cross_entropy
 from .models import MODELS, make_model
 from .optim import forward_step, sgd_along
@@ -137,7 +138,7 @@ def measure_steps(models=("mlp", "convnet"), batch: int = 64, repeats: int = 30,
 def measure_sampling(n: int = 1_863_690, repeats: int = 30, warmup: int = 3, device: str = "auto") -> pd.Series:
     """Median ms to fill ``n`` floats (the MLP's size by default) with a random tangent:
     Gaussian ``normal_``, Rademacher through ``bernoulli_`` (a float per sign) and
-    Rademacher from random bits (``fgtutor.forward.rademacher_``, a bit per sign)."""
+    Rademacher from random bits (``fgtutor.tangents.rademacher_``, a bit per sign)."""
     dev = pick_device(device)
     buffer = torch.empty(n, device=dev)
     fns = {"gaussian normal_": lambda: buffer.normal_(),

@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
-from .utils import check_writable
+from .utils import DEVICES, check_choice, check_positive, check_seeds, check_writable, pick_device
 
 
 def glue(name: str, value: Any, display: bool = False) -> Any:
@@ -33,6 +33,83 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
         return value
     myst_glue(name, value, display=display)
     return value
+
+
+def _positive_int(name: str, value) -> None:
+    check_positive(name, value, integer=True)
+
+
+def _non_negative_int(name: str, value) -> None:
+    check_positive(name, value, allow_zero=True, integer=True)
+
+
+def _non_negative(name: str, value) -> None:
+    check_positive(name, value, allow_zero=True)
+
+
+def _list_of(check: Callable[[str, Any], None], example: str) -> Callable[[str, Any], None]:
+    def check_list(name: str, value) -> None:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{name}={value!r} is not allowed: use a non-empty list, e.g. {example}.")
+        for item in value:
+            check(f"{name} entry", item)
+    return check_list
+
+
+def _point(name: str, value) -> None:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"{name}={value!r} is not allowed: use two numbers [x, y].")
+
+
+def _one_of(*allowed) -> Callable[[str, Any], None]:
+    return lambda name, value: check_choice(name, value, allowed)
+
+
+def _rules() -> dict[str, Callable[[str, Any], None]]:
+    """How every chapter parameter of the book is checked, by name."""
+    from .models import MODELS
+    from .tangents import SAMPLERS
+
+    rules = {
+        "model": _one_of(*MODELS), "models": _list_of(_one_of(*MODELS), "['mlp', 'convnet']"),
+        "padding": _one_of(0, 1), "sampler": _one_of(*SAMPLERS), "retrain": _one_of(True, False),
+        "decay": _non_negative, "warmup": _non_negative_int, "seed": _non_negative_int,
+        "seeds": lambda name, value: check_seeds(name, value),
+        "forward_lrs": _list_of(check_positive, "[1e-4, 1e-3]"),
+        "backprop_lrs": _list_of(check_positive, "[0.01, 0.1]"),
+        "sample_sizes": _list_of(_positive_int, "[10, 100, 1000]"),
+        "device": _one_of(*DEVICES),
+    }
+    rules.update(dict.fromkeys(("lr", "beale_lr", "rosenbrock_lr"), check_positive))
+    rules.update(dict.fromkeys(("beale_start", "rosenbrock_start", "sample_point"), _point))
+    rules.update(dict.fromkeys((
+        "epochs", "logreg_epochs", "schedule_epochs", "analysis_epochs", "short_epochs", "search_epochs",
+        "final_epochs", "batch_size", "large_batch", "n_train", "short_n_train", "search_n_train", "n_val",
+        "smooth", "n_shuffles", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
+        _positive_int))
+    return rules
+
+
+def check_parameters(namespace: dict) -> Any:
+    """Check every chapter parameter found in ``namespace`` (a chapter passes ``globals()``)
+    before any time is spent, raising ``ValueError`` that names the parameter and says what
+    is allowed. Returns the device to use (``pick_device``) when there is a ``device``
+    parameter, else None.
+
+    Every parameter of the book is checked by its name (``_rules``), so chapters that
+    share a parameter share its check; a test makes sure every chapter parameter has one.
+    """
+    rules = _rules()
+    for name, check in rules.items():
+        if name in namespace:
+            check(name, namespace[name])
+    n_val = namespace.get("n_val", 0)
+    for name in ("n_train", "short_n_train", "search_n_train"):
+        if name in namespace and namespace[name] + n_val > 60_000:
+            raise ValueError(f"{name}={namespace[name]} and n_val={n_val} add up to more than MNIST's 60,000 "
+                             "training images: lower one of them.")
+    return pick_device(namespace["device"]) if "device" in namespace else None
 
 
 def chapter_parameters(notebook: str | Path) -> dict:

@@ -24,11 +24,13 @@ Two ways in:
   MaxPool2d / Flatten layers it uses hand-written forward-mode rules (``fgtutor.fastjvp``)
   that are several times cheaper than ``torch.func.jvp``; anything else falls back to
   ``torch.func.jvp`` + ``functional_call``.
+
+How the tangents are drawn, quickly, is ``fgtutor.tangents``'s business.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,98 +38,15 @@ from torch.func import functional_call, jvp
 
 from . import fastjvp
 from .losses import cross_entropy
-from .utils import check_choice, check_positive, check_generator
+from .tangents import (SAMPLERS, Params, check_params, check_sampler, flat_buffer, sample_, sample_tangents,
+                       tree_map)
+from .utils import check_generator, check_positive
 
-SAMPLERS = ("gaussian", "rademacher")
+__all__ = ["SAMPLERS", "ForwardGradient", "directional_derivative", "forward_gradient", "sample_tangents"]
 
 # torch 2.14 compiles its own jvp decompositions with the deprecated torch.jit.script on the
 # first forward-mode call; the warning is about torch's internals, not about this code.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-Params = Union[dict, tuple, list, Tensor]
-
-
-def _tree_map(fn: Callable[..., Tensor], tree: Params, *rest: Params) -> Params:
-    """Apply ``fn`` leaf-wise over a tensor, or a dict / tuple / list of tensors."""
-    if isinstance(tree, Tensor):
-        return fn(tree, *rest)
-    if isinstance(tree, dict):
-        return {k: _tree_map(fn, tree[k], *(r[k] for r in rest)) for k in tree}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_tree_map(fn, t, *(r[i] for r in rest)) for i, t in enumerate(tree))
-    raise ValueError(
-        f"params of type {type(tree).__name__} are not allowed: use a tensor, or a dict, "
-        "tuple or list of tensors."
-    )
-
-
-def check_sampler(sampler: str) -> None:
-    check_choice("sampler", sampler, SAMPLERS)
-
-
-_SIGN_TABLES: dict = {}
-
-
-def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Row ``b`` holds the eight signs ``+1 if bit k of b is set else -1``, k = 0..7."""
-    key = (dtype, device)
-    if key not in _SIGN_TABLES:
-        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        _SIGN_TABLES[key] = (2 * bits - 1).to(dtype=dtype, device=device)
-    return _SIGN_TABLES[key]
-
-
-_SCRATCH: dict = {}
-
-
-def _scratch(n_words: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Random words and their byte indices, reused from call to call: allocating them anew
-    each step costs page faults that show in a step of a few milliseconds."""
-    key = (n_words, device)
-    if key not in _SCRATCH:
-        if len(_SCRATCH) > 8:  # many different sizes: keep the cache small
-            _SCRATCH.clear()
-        _SCRATCH[key] = (torch.empty(n_words, dtype=torch.int64, device=device),
-                         torch.empty(8 * n_words, dtype=torch.int32, device=device))
-    return _SCRATCH[key]
-
-
-def rademacher_(tangent: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Fill ``tangent`` in place with independent ±1 signs, each with probability ½.
-
-    One random bit per sign: draw ``n/64`` uniform 64-bit words, view them as bytes, and
-    look every byte up in a 256 × 8 table of signs. That is exact (the bits are i.i.d.
-    fair coins) and, on a CPU, an order of magnitude cheaper than ``bernoulli_(0.5)`` or
-    ``normal_()``, which draw a float per entry (``BENCHMARKS.md`` has the numbers).
-    """
-    n = tangent.numel()
-    words, index = _scratch((n + 63) // 64, tangent.device)
-    words.random_(torch.iinfo(torch.int64).min, None, generator=generator)  # all 64 bits uniform
-    index = index.copy_(words.view(torch.uint8))[: (n + 7) // 8]
-    table = _sign_table(tangent.dtype, tangent.device)
-    dense = tangent.is_contiguous() or tangent.is_contiguous(memory_format=torch.channels_last)
-    if dense and n % 8 == 0:
-        # i.i.d. signs fill memory in any order: write straight into the storage
-        torch.index_select(table, 0, index, out=tangent.as_strided((n // 8, 8), (8, 1)))
-    else:
-        tangent.copy_(table.index_select(0, index).view(-1)[:n].view_as(tangent))
-    return tangent
-
-
-def sample_(tangent: Tensor, sampler: str = "gaussian", generator: Optional[torch.Generator] = None) -> Tensor:
-    """Fill ``tangent`` in place with i.i.d. zero-mean, unit-variance entries and return it:
-    ``"gaussian"`` draws N(0, 1), ``"rademacher"`` draws ±1 (``rademacher_``)."""
-    if sampler == "gaussian":
-        return tangent.normal_(generator=generator)
-    check_sampler(sampler)
-    return rademacher_(tangent, generator)
-
-
-def sample_tangents(params: Params, sampler: str = "gaussian", generator: Optional[torch.Generator] = None) -> Params:
-    """A random tangent with the structure, shapes, dtypes and devices of ``params``."""
-    check_sampler(sampler)
-    check_generator(generator)
-    _check_params(params)
-    return _tree_map(lambda p: sample_(torch.empty_like(p), sampler, generator), params)
 
 
 def directional_derivative(f: Callable[[Params], Tensor], params: Params, tangents: Params) -> tuple[Tensor, Tensor]:
@@ -156,54 +75,20 @@ def forward_gradient(
     check_generator(generator)
     if not callable(f):
         raise ValueError(f"f={f!r} is not allowed: use a function of params that returns a scalar tensor.")
-    _check_params(params)
+    check_params(params)
     grads = None
     for _ in range(num_tangents):
         v = sample_tangents(params, sampler, generator)
         value, dd = directional_derivative(f, params, v)
         if grads is None:
-            grads = _tree_map(lambda t: t.mul_(dd / num_tangents), v)
+            grads = tree_map(lambda t: t.mul_(dd / num_tangents), v)
         else:
-            grads = _tree_map(lambda g, t: g.add_(t * (dd / num_tangents)), grads, v)
+            grads = tree_map(lambda g, t: g.add_(t * (dd / num_tangents)), grads, v)
     return value, grads
-
-
-def _check_params(params: Params) -> None:
-    leaves = [params] if isinstance(params, Tensor) else list(params.values()) if isinstance(params, dict) else (
-        list(params) if isinstance(params, (tuple, list)) else None)
-    if not leaves or not all(isinstance(t, Tensor) for t in leaves):
-        raise ValueError(f"params must be a tensor or a non-empty dict, tuple or list of tensors, got "
-                         f"{type(params).__name__}.")
-    bad = [t.dtype for t in leaves if not t.is_floating_point()]
-    if bad:
-        raise ValueError(f"params must be floating-point tensors (a derivative needs real numbers), got {bad[0]}: "
-                         "convert them with .float().")
 
 
 def _check_num_tangents(num_tangents: int) -> None:
     check_positive("num_tangents", num_tangents, integer=True)
-
-
-def flat_buffer(like: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """One flat buffer and, for every tensor in ``like``, a view of it with that tensor's
-    shape and strides (channels-last stays channels-last). The buffer is padded to a
-    multiple of 64 elements so that ``rademacher_`` fills it in one call; the padding is
-    never read through the views."""
-    tensors = list(like.values())
-    if not tensors:
-        return torch.empty(0), {}
-    flat = torch.empty(-(-sum(t.numel() for t in tensors) // 64) * 64, dtype=tensors[0].dtype,
-                       device=tensors[0].device)
-    views, offset = {}, 0
-    for name, t in like.items():
-        if t.dtype != flat.dtype or t.device != flat.device:
-            raise ValueError(f"all trainable parameters must share one dtype and device; {name} is "
-                             f"{t.dtype} on {t.device}, others {flat.dtype} on {flat.device}.")
-        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-        strides = t.stride() if dense else torch.empty(t.shape, device="meta").stride()
-        views[name] = flat.as_strided(t.shape, strides, offset)
-        offset += t.numel()
-    return flat, views
 
 
 class ForwardGradient:

@@ -60,7 +60,7 @@ from . import __version__
 from .data import load_mnist, train_val_split
 from .forward import SAMPLERS
 from .models import MODELS
-from .train import METHODS, History, fit, train_model
+from .train import METHODS, History, train_model
 from .utils import atomic_write, check_choice, check_positive
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 import yaml
 
-from fgtutor.book import chapter_parameters, parse_value, run_chapter
+from fgtutor.book import _rules, chapter_parameters, check_parameters, parse_value, run_chapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
@@ -59,8 +59,9 @@ def test_chapter_follows_the_conventions(path):
     assert "google.colab" in code[0].source and CONFIG["repository"]["url"] in code[0].source
     tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
-    # the cell right after the parameters validates them; set-up is collapsed in the page
-    assert "check_" in code[tagged[0] + 1].source
+    # the cell right after the parameters validates them in one call; set-up is collapsed
+    assert "check_parameters(globals())" in code[tagged[0] + 1].source
+    assert len(code[tagged[0] + 1].source.splitlines()) <= 3, "the checks are one helper call, not a dozen lines"
     assert "hide-cell" in code[0].metadata.get("tags", []) and "hide-input" in code[tagged[0] + 1].metadata["tags"]
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     # roles are not expanded inside math: a glued number there would print as source
@@ -126,6 +127,34 @@ def test_every_assignment_in_the_parameters_cell_can_be_set(path):
     assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)}
     assert assigned == set(chapter_parameters(path))
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_every_chapter_parameter_has_a_check(path):
+    unchecked = set(chapter_parameters(path)) - set(_rules())
+    assert not unchecked, f"add a rule for {unchecked} to fgtutor.book._rules"
+
+
+@pytest.mark.parametrize("namespace, message", [
+    ({"epochs": 0}, "epochs=0 is not allowed: use a positive integer"),
+    ({"lr": "fast"}, "lr='fast' is not allowed"),
+    ({"seeds": [0, 0]}, "seeds=[0, 0] is not allowed"),
+    ({"forward_lrs": []}, "forward_lrs=[] is not allowed: use a non-empty list"),
+    ({"backprop_lrs": [0.1, -1]}, "backprop_lrs entry=-1 is not allowed"),
+    ({"beale_start": [1.0]}, "beale_start=[1.0] is not allowed: use two numbers"),
+    ({"sampler": "uniform"}, "sampler='uniform' is not allowed: use one of"),
+    ({"retrain": "yes"}, "retrain='yes' is not allowed"),
+    ({"n_train": 55_000, "n_val": 10_000}, "add up to more than MNIST's 60,000"),
+    ({"device": "tpu"}, "device='tpu' is not allowed"),
+])
+def test_check_parameters_names_the_bad_parameter_and_what_is_allowed(namespace, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_parameters({"pd": object(), **namespace})  # other globals (imports) are ignored
+
+
+def test_check_parameters_returns_the_device_and_accepts_good_values():
+    assert check_parameters({"epochs": 2, "seeds": [0, 1], "forward_lrs": [1e-3], "device": "cpu"}).type == "cpu"
+    assert check_parameters({"epochs": 2}) is None
 
 
 def test_chapter_parameters_lists_the_parameters_cell():

@@ -8,14 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
-from fgtutor.forward import (
-    ForwardGradient,
-    flat_buffer,
-    sample_,
-    directional_derivative,
-    forward_gradient,
-    sample_tangents,
-)
+from fgtutor.forward import ForwardGradient, directional_derivative, forward_gradient
+from fgtutor.tangents import flat_buffer, sample_, sample_tangents
 from fgtutor.losses import cross_entropy
 from fgtutor.models import MLP, ConvNet
 from conftest import seeded
@@ -96,45 +90,6 @@ def test_directional_derivative_equals_autograd_gradient_dot_tangent_for_the_mod
 def test_directional_derivative_rejects_a_function_that_is_not_scalar():
     with pytest.raises(ValueError, match="scalar"):
         directional_derivative(lambda t: 2 * t, torch.ones(3), torch.ones(3))
-
-
-# --------------------------------------------------------------------------- sample_tangents
-
-@pytest.mark.parametrize("sampler", ["gaussian", "rademacher"])
-def test_sample_tangents_match_the_structure_shapes_and_dtypes_of_params(sampler):
-    params = {"w": torch.zeros(3, 4), "b": torch.zeros(4, dtype=F64)}
-    v = sample_tangents(params, sampler, torch.Generator().manual_seed(0))
-    assert set(v) == {"w", "b"}
-    for n in params:
-        assert v[n].shape == params[n].shape and v[n].dtype == params[n].dtype
-    pair = sample_tangents((torch.zeros(2), torch.zeros(2, 3)), sampler)
-    assert isinstance(pair, tuple) and [t.shape for t in pair] == [(2,), (2, 3)]
-
-
-def test_sample_tangents_does_not_touch_the_params():
-    params = {"w": torch.zeros(3, 4)}
-    sample_tangents(params, "gaussian", torch.Generator().manual_seed(0))
-    assert torch.equal(params["w"], torch.zeros(3, 4))
-
-
-def test_rademacher_tangents_are_exactly_plus_or_minus_one_with_both_signs():
-    v = sample_tangents(torch.zeros(10_000, dtype=F64), "rademacher", torch.Generator().manual_seed(0))
-    assert torch.all(v.abs() == 1)
-    assert abs(v.mean().item()) < 0.05  # 5 standard errors of a fair ±1 coin
-
-
-def test_gaussian_tangents_have_zero_mean_and_unit_variance():
-    v = sample_tangents(torch.zeros(10_000, dtype=F64), "gaussian", torch.Generator().manual_seed(0))
-    assert abs(v.mean().item()) < 0.05
-    assert abs(v.var().item() - 1) < 0.05
-    assert (v.abs() != 1).all()
-
-
-def test_same_generator_seed_gives_the_same_tangents():
-    a = sample_tangents(torch.zeros(50), "gaussian", torch.Generator().manual_seed(7))
-    b = sample_tangents(torch.zeros(50), "gaussian", torch.Generator().manual_seed(7))
-    c = sample_tangents(torch.zeros(50), "gaussian", torch.Generator().manual_seed(8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 # --------------------------------------------------------------------------- forward_gradient
@@ -385,29 +340,6 @@ def test_forward_gradient_module_with_nothing_trainable_returns_the_loss_and_wri
     torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
     assert all(p.grad is None for p in model.parameters())
 
-
-def test_rademacher_signs_are_balanced_and_uncorrelated_at_every_bit_position():
-    from fgtutor.forward import rademacher_
-    n = 1 << 20
-    v = rademacher_(torch.empty(n), torch.Generator().manual_seed(0))
-    se = 5 / n ** 0.5  # five standard errors of a mean of n independent ±1
-    assert abs(v.mean().item()) < se
-    # each sign comes from one bit of a byte: every bit position must be a fair coin...
-    assert (v.view(-1, 8).mean(0).abs() < 5 / (n / 8) ** 0.5).all()
-    # ...independent of its neighbours, within a byte and across bytes and words
-    for lag in (1, 7, 8, 63, 64):
-        assert abs((v[:-lag] * v[lag:]).mean().item()) < se, lag
-
-
-@pytest.mark.parametrize("make", [lambda: torch.empty(64, 32, 3, 3).to(memory_format=torch.channels_last),
-                                  lambda: torch.empty(10, 12).t(), lambda: torch.empty(3, 5, 7)],
-                         ids=["channels_last", "transposed", "odd_size"])
-def test_rademacher_fills_any_layout_with_signs(make):
-    from fgtutor.forward import rademacher_
-    t = make()
-    strides = t.stride()
-    rademacher_(t, torch.Generator().manual_seed(1))
-    assert set(t.unique().tolist()) == {-1.0, 1.0} and t.stride() == strides
 
 
 @pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.to(memory_format=torch.contiguous_format)],
