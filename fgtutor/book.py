@@ -112,6 +112,15 @@ def check_parameters(namespace: dict) -> Any:
     return pick_device(namespace["device"]) if "device" in namespace else None
 
 
+def table(frame: Any, caption: str, digits: int = 3) -> Any:
+    """A DataFrame as the book shows it: with a caption (above the table) and numbers
+    rounded to ``digits`` decimals, where a bare DataFrame would print six. Returns a
+    pandas ``Styler``, which a notebook displays as an HTML table."""
+    if not caption:
+        raise ValueError("caption is empty: say what the table shows, in a sentence.")
+    return frame.style.set_caption(caption).format(precision=digits, thousands=",", na_rep="–")
+
+
 def chapter_parameters(notebook: str | Path) -> dict:
     """The parameters a chapter declares in its cell tagged ``parameters``: name -> default."""
     import papermill

@@ -11,10 +11,10 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 import torch
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from matplotlib.ticker import LogFormatterMathtext, MaxNLocator
 
 from .train import History
@@ -93,34 +93,44 @@ def plot_loss(runs: Mapping[str, Union[Series, Sequence[History]]], smooth: int 
     return fig
 
 
+def _curve_frame(runs: Mapping[str, Union[History, Sequence[History]]], eval_set: str) -> pd.DataFrame:
+    """The evaluations of every run in long form (one row per run, seed and epoch), with a
+    group's training seconds averaged over its seeds so that its seeds share the x axis."""
+    frames = []
+    for label, run in runs.items():
+        group = [r.to_dataframe() for r in _group(run)]
+        if any(f"{eval_set}_loss" not in df for df in group):
+            raise ValueError(f"eval_set={eval_set!r} was not evaluated in run {label!r}.")
+        n = min(len(df) for df in group)  # a diverged seed stops early: draw what all reached
+        seconds = np.mean([df["train_seconds"].to_numpy()[:n] for df in group], axis=0)
+        name = f"{label} ({len(group)} seeds)" if len(group) > 1 else label
+        frames += [pd.DataFrame({"run": name, "seed": i, "epoch": df["epoch"].to_numpy()[:n], "seconds": seconds,
+                                 "loss": df[f"{eval_set}_loss"].to_numpy()[:n],
+                                 "accuracy": df[f"{eval_set}_accuracy"].to_numpy()[:n]})
+                   for i, df in enumerate(group)]
+    return pd.concat(frames, ignore_index=True)
+
+
 def plot_curves(runs: Mapping[str, Union[History, Sequence[History]]], eval_set: str = "test",
                 title: str = "") -> Figure:
     """Loss and accuracy on ``eval_set`` against epoch (top) and training seconds (bottom).
 
     A value that is a list of Histories (one per seed) is drawn as its mean with a band
-    from the lowest to the highest seed; its seconds are the mean over seeds.
+    from the lowest to the highest seed (seaborn's ``errorbar=("pi", 100)``); its seconds
+    are the mean over seeds.
     """
+    data = _curve_frame(runs, eval_set)
+    colors = dict(zip(dict.fromkeys(data["run"]), _colors(runs)))
+    marker = "o" if data["epoch"].nunique() <= 20 else None
     fig = _figure(figsize=(10, 7))
     axes = fig.subplots(2, 2)
-    for color, (label, run) in zip(_colors(runs), runs.items()):
-        group = _group(run)
-        frames = [r.to_dataframe() for r in group]
-        if any(f"{eval_set}_loss" not in df for df in frames):
-            raise ValueError(f"eval_set={eval_set!r} was not evaluated in run {label!r}.")
-        n = min(len(df) for df in frames)  # a diverged seed stops early: draw what all reached
-        seconds = np.mean([df["train_seconds"].to_numpy()[:n] for df in frames], axis=0)
-        if len(group) > 1:
-            label = f"{label} ({len(group)} seeds)"
-        for row, x in enumerate((frames[0]["epoch"].to_numpy()[:n], seconds)):
-            for col, metric in enumerate(("loss", "accuracy")):
-                values = np.array([df[f"{eval_set}_{metric}"].to_numpy()[:n] for df in frames])
-                ax = axes[row, col]
-                ax.plot(x, values.mean(0), "o-" if n <= 20 else "-", ms=3, color=color, label=label)
-                if len(group) > 1:
-                    ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
-    for row, xlabel in enumerate(("epoch", "training wall-clock seconds")):
+    for row, (x, xlabel) in enumerate((("epoch", "epoch"), ("seconds", "training wall-clock seconds"))):
         for col, metric in enumerate(("loss", "accuracy")):
             ax = axes[row, col]
+            for name, group in data.groupby("run", sort=False):
+                band = ("pi", 100) if group["seed"].nunique() > 1 else None
+                sns.lineplot(data=group, x=x, y=metric, color=colors[name], errorbar=band, marker=marker,
+                             markersize=4, markeredgewidth=0, label=name, legend=False, ax=ax)
             ax.set(xlabel=xlabel, ylabel=f"{eval_set} {metric}")
             ax.grid(alpha=0.3)
     for ax in axes[0]:
@@ -209,28 +219,6 @@ def plot_estimates(f: Callable, point: tuple[float, float], true_grad: Sequence[
     ax.plot(*point, "ko", ms=5)
     ax.set(xlim=xlim, ylim=ylim, xlabel="x", ylabel="y", title=title, aspect="equal")
     ax.legend(loc="lower right")
-    return fig
-
-
-def plot_heatmap(table: pd.DataFrame, title: str = "", fmt: str = "{:.3f}", cmap: str = "viridis_r",
-                 label: str = "validation loss") -> Figure:
-    """A grid of scores (rows × columns of a DataFrame, e.g. decay × learning rate) with
-    every cell annotated and the best (lowest) one outlined."""
-    values = table.to_numpy(dtype=float)
-    fig = _figure(figsize=(1.1 * values.shape[1] + 2.5, 0.6 * values.shape[0] + 2))
-    ax = fig.subplots()
-    im = ax.imshow(values, cmap=cmap, aspect="auto")
-    fig.colorbar(im, ax=ax, label=label)
-    ax.set_xticks(range(values.shape[1]), [f"{c:.2g}" if isinstance(c, float) else str(c) for c in table.columns])
-    ax.set_yticks(range(values.shape[0]), [f"{r:.2g}" if isinstance(r, float) else str(r) for r in table.index])
-    ax.set(xlabel=table.columns.name or "", ylabel=table.index.name or "", title=title)
-    finite = np.where(np.isfinite(values), values, np.nan)
-    for (r, c), v in np.ndenumerate(values):
-        ax.text(c, r, fmt.format(v) if np.isfinite(v) else "diverged", ha="center", va="center", fontsize=8,
-                color="white" if np.isfinite(v) and v > np.nanmean(finite) else "black")
-    if np.isfinite(finite).any():
-        r, c = np.unravel_index(np.nanargmin(finite), values.shape)
-        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
     return fig
 
 

@@ -5,10 +5,11 @@ import re
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 
-from fgtutor.book import _rules, chapter_parameters, check_parameters, parse_value, run_chapter
+from fgtutor.book import _rules, chapter_parameters, check_parameters, parse_value, run_chapter, table
 
 ROOT = Path(__file__).resolve().parents[1]
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
@@ -21,7 +22,7 @@ TINY = {
     "testfns": {"beale_steps": 20, "rosenbrock_steps": 20, "sample_sizes": [5, 20], "n_arrows": 3},
     "mlp": {"epochs": 1, "n_train": 256, "seeds": [0, 1], "logreg_epochs": 1, "schedule_epochs": 1,
             "n_shuffles": 5},
-    "convnet": {"epochs": 1, "n_train": 128, "batch_size": 32, "seeds": [0, 1], "forward_lrs": [1e-3],
+    "convnet": {"epochs": 1, "n_train": 128, "n_val": 500, "batch_size": 32, "seeds": [0, 1], "forward_lrs": [1e-3],
                 "backprop_lrs": [0.1]},
     "lr_search": {"forward_lrs": [1e-4, 1e-3, 1e-2], "backprop_lrs": [1e-2, 1e-1, 1.0], "short_n_train": 128,
                   "search_n_train": 256, "search_epochs": 1, "final_epochs": 1, "seeds": [0, 1]},
@@ -97,6 +98,10 @@ def test_chapter_runs_with_tiny_parameters_and_glues_every_number_its_prose_quot
     fragments = {k: v for k, v in texts.items() if v[:1] in "'\""}
     assert not fragments, f"glued text instead of numbers: {fragments}"
     assert not list(tmp_path.glob(".*partial*")), "no partial output left behind"
+    # every table the chapter shows has a caption (fgtutor.book.table)
+    tables = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "<table" in o.get("data", {}).get("text/html", "")]
+    assert all("<caption>" in t for t in tables), "show tables with fgtutor.book.table(frame, caption)"
 
 
 @pytest.mark.parametrize("params, message", [
@@ -184,3 +189,13 @@ def test_a_bad_output_path_is_rejected_before_the_chapter_runs(output, message, 
 
 def test_lists_of_numbers_in_e_notation_are_numbers():
     assert parse_value("[1e-4, 1e-3]") == [1e-4, 1e-3]
+
+
+def test_table_shows_a_caption_and_rounded_numbers():
+    html = table(pd.DataFrame({"loss": [2.123456789, float("nan")]}), "Scores after training.", digits=2).to_html()
+    assert "<caption>Scores after training.</caption>" in html and ">2.12<" in html and "2.1234" not in html
+
+
+def test_a_table_without_a_caption_is_refused():
+    with pytest.raises(ValueError, match="caption is empty"):
+        table(pd.DataFrame({"a": [1]}), "")

@@ -16,7 +16,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
 
 from fgtutor import plots  # noqa: E402
 from fgtutor.testfns import BEALE_MINIMUM, ROSENBROCK_MINIMUM, beale, optimize, rosenbrock  # noqa: E402
@@ -283,58 +282,6 @@ class TestPlotEstimates:
 # ---------------------------------------------------------------------------
 
 
-def grid_table() -> pd.DataFrame:
-    table = pd.DataFrame(
-        [[0.9, 0.5, np.nan], [0.7, 0.2, 1.1]],
-        index=pd.Index([1e-4, 1e-3], name="decay"),
-        columns=pd.Index([1e-3, 1e-2, 1e-1], name="lr"),
-    )
-    return table
-
-
-class TestPlotHeatmap:
-    def test_annotates_every_cell_and_labels_nan_as_diverged(self):
-        fig = plots.plot_heatmap(grid_table(), title="grid")
-        assert isinstance(fig, Figure)
-        assert len(fig.axes) == 2  # the grid and its colour bar
-        ax = fig.axes[0]
-        texts = {(t.get_position()): t.get_text() for t in ax.texts}
-        assert len(ax.texts) == 6
-        assert texts[(2, 0)] == "diverged"
-        assert texts[(1, 1)] == "0.200"
-        assert texts[(0, 0)] == "0.900"
-        assert ax.get_xlabel() == "lr" and ax.get_ylabel() == "decay"
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001", "0.01", "0.1"]
-        renders(fig)
-
-    def test_outlines_the_best_lowest_cell_with_a_rectangle(self):
-        ax = plots.plot_heatmap(grid_table()).axes[0]
-        rects = [p for p in ax.patches if isinstance(p, Rectangle)]
-        assert len(rects) == 1
-        assert rects[0].get_xy() == (1 - 0.5, 1 - 0.5)  # row 1, column 1 holds 0.2
-        assert rects[0].get_width() == 1 and rects[0].get_height() == 1
-
-    def test_infinite_cells_are_diverged_too_and_never_best(self):
-        table = grid_table()
-        table.iloc[0, 0] = -np.inf
-        ax = plots.plot_heatmap(table).axes[0]
-        texts = {(t.get_position()): t.get_text() for t in ax.texts}
-        assert texts[(0, 0)] == "diverged"
-        (rect,) = [p for p in ax.patches if isinstance(p, Rectangle)]
-        assert rect.get_xy() == (0.5, 0.5)
-
-    def test_all_diverged_has_no_outline(self):
-        table = pd.DataFrame([[np.nan, np.nan]], index=["a"], columns=["x", "y"])
-        fig = plots.plot_heatmap(table)
-        ax = fig.axes[0]
-        assert [t.get_text() for t in ax.texts] == ["diverged", "diverged"]
-        assert not [p for p in ax.patches if isinstance(p, Rectangle)]
-
-    def test_custom_format(self):
-        ax = plots.plot_heatmap(grid_table(), fmt="{:.1%}").axes[0]
-        assert "20.0%" in [t.get_text() for t in ax.texts]
-
-
 class TestPlotBars:
     def test_one_stacked_bar_per_row_and_segment_per_column(self):
         table = pd.DataFrame({"sample": [1.0, 0.5, 0.2], "jvp": [2.0, 1.0, np.nan], "update": [0.5, 0.5, 0.5]},
@@ -422,7 +369,6 @@ def test_no_helper_opens_a_pyplot_figure(histories, trajectories):
         plots.plot_contour(beale, trajectories, (-1, 4), (-1, 2), minimum=BEALE_MINIMUM),
         plots.plot_surface(beale, trajectories, (-1, 4), (-1, 2)),
         plots.plot_estimates(beale, (1.0, 1.0), [1.0, 1.0], [[1.0, 0.0]], (-1, 4), (-1, 2)),
-        plots.plot_heatmap(grid_table()),
         plots.plot_bars(pd.DataFrame({"a": [1.0]}, index=["x"])),
         plots.plot_step_costs(step_table()),
         plots.plot_samples({"a": [[1.0, 2.0], [0.0, 1.0]]}, [0.5, 1.5]),
