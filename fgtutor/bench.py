@@ -32,7 +32,7 @@ import torch
 
 from .data import batches, default_root, load_mnist
 from .forward import ForwardGradient
-from .tangents import rademacher_
+from .tangents import SAMPLERS, rademacher_
 from .losses import cross_entropy
 from .models import MODELS, make_model
 from .optim import forward_step, sgd_along
@@ -58,8 +58,10 @@ def step_functions(model_name: str, batch: int, device: torch.device, sampler: s
     model, optimizer, x, y = _setup(model_name, batch, device)
     estimate = ForwardGradient(model, cross_entropy, sampler=sampler)
     slow = ForwardGradient(model, cross_entropy, sampler=sampler, fast=False)
+    tangents = estimate.sample()  # dense views of p.grad, or rank-one factors
     with torch.no_grad():
-        _, dd = estimate.directional_derivative(estimate.sample(), x, y)
+        _, dd = estimate.directional_derivative(tangents, x, y)
+    lr = optimizer.param_groups[0]["lr"]
 
     def forward():
         with torch.no_grad():
@@ -82,10 +84,13 @@ def step_functions(model_name: str, batch: int, device: torch.device, sampler: s
 
     def jvp():
         with torch.no_grad():
-            estimate.directional_derivative(estimate.gradient_buffers(), x, y)
+            estimate.directional_derivative(tangents, x, y)
 
     def update():
-        sgd_along(optimizer, dd)
+        if sampler == "rank1":
+            estimate.descend_(lr * dd.item())
+        else:
+            sgd_along(optimizer, dd)
 
     fns = {"forward": forward, "backprop": backprop, "forward gradient": forward_gradient,
            "sample tangents": sample, "forward-mode pass": jvp, "update": update}
@@ -270,7 +275,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--large-batch", type=int, default=4096, help="second batch size for the memory probe")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
-    parser.add_argument("--sampler", default="rademacher", choices=["rademacher", "gaussian"])
+    parser.add_argument("--samplers", nargs="+", default=["rademacher", "rank1"], choices=list(SAMPLERS),
+                        help="tangent samplers to time (the first is also used for memory)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--loading-images", type=int, default=50_000, help="images in the loading epoch")
     parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "loading", "torch.func"])
@@ -296,9 +302,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "probe_memory"}}
     results["settings"]["json"] = str(args.json)
     pd.set_option("display.width", 160)
-    steps = pd.concat([measure_steps(args.models, batch, args.repeats, args.warmup, args.device, args.sampler,
-                                     torch_func="torch.func" not in args.skip) for batch in args.batch])
-    steps = steps.set_index("batch", append=True)
+    steps = pd.concat([measure_steps(args.models, batch, args.repeats, args.warmup, args.device, sampler,
+                                     torch_func="torch.func" not in args.skip).assign(sampler=sampler)
+                       for sampler in args.samplers for batch in args.batch])
+    steps = steps.set_index(["batch", "sampler"], append=True)
     results["steps"] = _frame_to_json(steps)
     print(f"\nMedian milliseconds per call ({torch.get_num_threads()} threads):")
     print(steps.round(3).T.to_string())
@@ -307,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\nMedian milliseconds to draw one MLP-sized tangent (1,863,690 numbers):")
     print(sampling.round(3).to_string())
     if "memory" not in args.skip:
-        memory = measure_memory(args.models, (args.batch[0], args.large_batch), args.device, args.sampler)
+        memory = measure_memory(args.models, (args.batch[0], args.large_batch), args.device, args.samplers[0])
         results["memory"] = _frame_to_json(memory)
         print("\nPeak extra memory of one training step (MB):")
         print(memory.round(2).to_string())

@@ -13,6 +13,11 @@ layer, each mapping a primal and its tangent ``(x, ẋ)`` to ``(y, ẏ)``:
 The network's input carries no tangent (``ẋ = None``), so the first layer only needs
 :math:`x\dot W^\top + \dot b`: the rules skip every product with a zero tangent.
 
+A weight's tangent may also come as its factors (``fgtutor.tangents.RankOne``,
+:math:`\dot W = u w^\top`): then :math:`x\dot W^\top = (x w)\,u^\top` is a matrix-vector
+product and an outer product, and a convolution's :math:`\dot W * x` is one
+single-output-channel convolution scaled by :math:`u`; no dense :math:`\dot W` is formed.
+
 Forward mode needs no activations for later, so each rule *takes* its input pair out of a
 ``Dual`` and lets go of each tensor as soon as it has used it: at any moment only about two
 layers' values and tangents are alive. ``tests/test_fastjvp.py`` checks each rule against
@@ -29,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from .losses import cross_entropy
+from .tangents import RankOne
 
 Tangent = Optional[Tensor]  # None stands for an all-zero tangent
 
@@ -83,7 +89,11 @@ def linear(layer: nn.Linear, d: Dual, t: dict) -> Dual:
         # the network's input has no tangent: ẏ = x Ẇᵀ + ḃ, written below y in one buffer
         y, dy = _halves(n, W.shape[0], like=x)
         _affine(x2, W, b, out=y)
-        if dW is not None:
+        if isinstance(dW, RankOne):  # x Ẇᵀ = (x w) uᵀ
+            torch.outer(x2 @ dW.w, dW.u, out=dy)
+            if db is not None:
+                dy.add_(db)
+        elif dW is not None:
             _affine(x2, dW, db, out=dy)
         else:
             dy.copy_(db.expand_as(dy))
@@ -91,7 +101,9 @@ def linear(layer: nn.Linear, d: Dual, t: dict) -> Dual:
     # one matmul of the stacked [x; ẋ] gives x Wᵀ + b and ẋ Wᵀ + b together, reading W once
     both = F.linear(_stacked(x2, dx.reshape(-1, dx.shape[-1])), W, b)
     y, dy = both[:n], both[n:]
-    if dW is not None:
+    if isinstance(dW, RankOne):
+        dy.addr_(x2 @ dW.w, dW.u)
+    elif dW is not None:
         dy.addmm_(x2, dW.t())
     if b is not None:  # the stacked matmul gave the tangent half b as well...
         dy.sub_(b)
@@ -111,6 +123,13 @@ def conv2d(layer: nn.Conv2d, d: Dual, t: dict) -> Dual:
     x, dx = d.take()
     dy = None if dx is None else conv(dx, W)
     del dx
+    if isinstance(dW, RankOne) and layer.groups == 1:  # Ẇ * x = u · ((w ⊗ s) * x): one output channel
+        part = conv(x, dW.kernel().to(memory_format=_format(x))).mul(dW.u.view(1, -1, 1, 1))
+        if db is not None:
+            part.add_(db.view(1, -1, 1, 1))
+        dy, dW, db = (part if dy is None else dy.add_(part)), None, None
+    elif isinstance(dW, RankOne):
+        dW = dW.dense()
     if dW is not None:  # Ẇ * x + ḃ in one call
         dy = conv(x, dW, db) if dy is None else dy.add_(conv(x, dW, db))
     y = conv(x, W, b)
@@ -118,6 +137,11 @@ def conv2d(layer: nn.Conv2d, d: Dual, t: dict) -> Dual:
         db = db.view(1, -1, 1, 1)
         dy = db.expand_as(y).clone() if dy is None else dy.add_(db)
     return Dual(y, dy)
+
+
+def _format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def relu(layer: nn.ReLU, d: Dual, t: dict) -> Dual:

@@ -30,7 +30,7 @@ How the tangents are drawn, quickly, is ``fgtutor.tangents``'s business.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +38,8 @@ from torch.func import functional_call, jvp
 
 from . import fastjvp
 from .losses import cross_entropy
-from .tangents import (SAMPLERS, Params, check_params, check_sampler, flat_buffer, sample_, sample_tangents,
-                       tree_map)
+from .tangents import (SAMPLERS, Params, RankOne, check_params, check_sampler, flat_buffer, rademacher_,
+                       rank_one, rank_one_sizes, sample_, sample_tangents, tree_map)
 from .utils import check_generator, check_positive
 
 __all__ = ["SAMPLERS", "ForwardGradient", "directional_derivative", "forward_gradient", "sample_tangents"]
@@ -91,6 +91,12 @@ def _check_num_tangents(num_tangents: int) -> None:
     check_positive("num_tangents", num_tangents, integer=True)
 
 
+def densify_(tangents: dict[str, Union[RankOne, Tensor]], out: dict[str, Tensor]) -> None:
+    """Write each (possibly factored) tangent densely into ``out[name]``."""
+    for name, t in tangents.items():
+        out[name].copy_(t.dense() if isinstance(t, RankOne) else t)
+
+
 class ForwardGradient:
     r"""Write a forward-gradient estimate into ``p.grad`` of every trainable parameter.
 
@@ -134,6 +140,8 @@ class ForwardGradient:
         self._plan = fastjvp.plan(model) if self.fast else None
         self._flat: Optional[Tensor] = None
         self._views: Optional[dict[str, Tensor]] = None
+        self._signs: Optional[Tensor] = None  # rank-one factors, drawn in one call
+        self._last: dict = {}  # the last rank-one tangent, for descend_
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
@@ -142,12 +150,19 @@ class ForwardGradient:
             except RuntimeError as exc:  # e.g. inputs of the wrong shape: say where, in one line
                 raise ValueError(f"{type(self.model).__name__} cannot take x of shape {tuple(x.shape)} with y of "
                                  f"shape {tuple(y.shape)}: {str(exc).splitlines()[0]}") from exc
+            if self.sampler == "rank1":  # the factors become the dense tangent in p.grad
+                densify_(self._last, self._views)
             self.scale_(dd)
             if self.num_tangents > 1:  # further tangents go to one scratch buffer, added in
                 flat, extra = flat_buffer(self._views)
             for _ in range(self.num_tangents - 1):  # p.grad = mean of dd_k v_k
-                sample_(flat, self.sampler, self.generator)
-                _, dd = self.directional_derivative(extra, x, y)
+                if self.sampler == "rank1":
+                    tangents = self._rank_one_tangents()
+                    _, dd = self.directional_derivative(tangents, x, y)
+                    densify_(tangents, extra)
+                else:
+                    sample_(flat, self.sampler, self.generator)
+                    _, dd = self.directional_derivative(extra, x, y)
                 self._flat.add_(self.scale_(dd, flat))
         return loss.detach()
 
@@ -172,10 +187,42 @@ class ForwardGradient:
         return self._views
 
     def sample(self) -> dict[str, Tensor]:
-        """Draw a fresh tangent into the gradient buffers; returns them by parameter name."""
+        """Draw a fresh tangent into the gradient buffers; returns them by parameter name.
+        With ``sampler="rank1"`` the tangent is returned as factors (``RankOne`` for each
+        weight, signs for the rest) and the gradient buffers are left alone."""
         grads = self.gradient_buffers()
+        if self.sampler == "rank1":
+            return self._rank_one_tangents()
         sample_(self._flat, self.sampler, self.generator)
         return grads
+
+    def _rank_one_tangents(self) -> dict[str, Union[RankOne, Tensor]]:
+        """A rank-one tangent for every trainable parameter, all its signs drawn in one call."""
+        sizes = {n: sum(rank_one_sizes(v.shape)) for n, v in self._views.items()}
+        total = -(-sum(sizes.values()) // 64) * 64
+        if self._signs is None or self._signs.numel() != total or self._signs.dtype != self._flat.dtype \
+                or self._signs.device != self._flat.device:
+            self._signs = torch.empty(total, dtype=self._flat.dtype, device=self._flat.device)
+        rademacher_(self._signs, self.generator)
+        tangents, offset = {}, 0
+        for name, view in self._views.items():
+            tangents[name] = rank_one(view.shape, view, signs=self._signs[offset:offset + sizes[name]])
+            offset += sizes[name]
+        self._last = tangents
+        return tangents
+
+    def descend_(self, scale: float) -> None:
+        """``θ ← θ − scale · v`` along the last rank-one tangent, without forming it: a
+        weight matrix takes a rank-one update (``addr_``). The fused SGD step of
+        ``fgtutor.optim.forward_step`` with ``scale = lr · dd``."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in self._last.items():
+                p = params[name]
+                if isinstance(t, RankOne) and t.s is None:
+                    p.addr_(t.u, t.w, alpha=-scale)
+                else:  # a convolution's weight (small) or a vector of signs
+                    p.add_(t.dense() if isinstance(t, RankOne) else t, alpha=-scale)
 
     def directional_derivative(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The loss on ``(x, y)`` and its derivative along ``tangents`` (one forward-mode pass)."""
@@ -184,6 +231,7 @@ class ForwardGradient:
             return fastjvp.loss_jvp(self.loss_fn, logits, dlogits, y)
         if not tangents:  # nothing trainable: torch.func.jvp needs at least one primal
             return self.loss_fn(self.model(x), y), x.new_zeros(())
+        tangents = {n: t.dense() if isinstance(t, RankOne) else t for n, t in tangents.items()}
         params = {n: p.detach() for n, p in self.model.named_parameters() if n in tangents}
         rest = {n: p for n, p in self.model.named_parameters() if n not in tangents}
         buffers = dict(self.model.named_buffers())

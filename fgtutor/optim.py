@@ -70,7 +70,9 @@ def forward_step(estimate: Callable[[Tensor, Tensor], Tensor], optimizer: torch.
     applies it: two passes over the weights' size (``v ← dd·v``, then ``θ ← θ − lr·v``).
     With plain SGD (``is_plain_sgd``) and one tangent the step is *fused*: the tangent stays
     in ``p.grad`` and the scalar rides on the learning rate, ``θ ← θ − (lr·dd)·v``, the same
-    step in one pass (``p.grad`` then holds ``v`` rather than the estimate). ``fused=None``
+    step in one pass (``p.grad`` then holds ``v`` rather than the estimate; with
+    ``sampler="rank1"`` each weight matrix takes the rank-one update ``addr_`` and ``p.grad``
+    is not written at all). ``fused=None``
     asks ``fuses`` every call; a training loop can ask once and pass the answer. Either
     way, a step whose loss is not finite leaves the weights alone.
     """
@@ -78,7 +80,10 @@ def forward_step(estimate: Callable[[Tensor, Tensor], Tensor], optimizer: torch.
         with torch.no_grad():
             loss, dd = estimate.directional_derivative(estimate.sample(), x, y)
         if torch.isfinite(loss):
-            sgd_along(optimizer, estimate.clip_(dd))
+            if estimate.sampler == "rank1":  # rank-one updates, straight from the factors
+                estimate.descend_(optimizer.param_groups[0]["lr"] * estimate.clip_(dd).item())
+            else:
+                sgd_along(optimizer, estimate.clip_(dd))
         return loss.detach()
     loss = estimate(x, y)
     if torch.isfinite(loss):

@@ -223,7 +223,9 @@ def fit(
     With plain SGD the forward-gradient update is fused, ``θ ← θ − (lr·dd)·v`` in one pass
     over the weights (``fgtutor.optim.forward_step``): the same step as writing ``dd·v``
     into ``p.grad`` and calling ``optimizer.step()``, with one memory pass fewer; after it
-    ``p.grad`` holds the tangent ``v``, not the estimate.
+    ``p.grad`` holds the tangent ``v``, not the estimate. With ``sampler="rank1"`` (a
+    rank-one tangent per weight matrix, ``fgtutor.tangents``) each matrix takes a rank-one
+    update instead and ``p.grad`` is not written.
 
     The data order comes from a generator seeded with ``seed`` and the tangents from a
     second one seeded with ``seed + 1``, so two runs with the same seed see the same

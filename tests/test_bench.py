@@ -48,7 +48,9 @@ def test_main_prints_tables_and_writes_json_with_the_machine(tmp_path, capsys):
                        "--skip", "memory", "loading", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert {"torch", "threads", "cpu_count", "platform"} <= set(results["machine"])
-    assert [r["batch"] for r in results["steps"]] == [4, 8]
+    # every sampler (by default i.i.d. and rank-one signs) at every batch size
+    assert [(r["sampler"], r["batch"]) for r in results["steps"]] == [
+        ("rademacher", 4), ("rademacher", 8), ("rank1", 4), ("rank1", 8)]
     assert "sampling" in results and "memory" not in results
     assert "forward gradient / backprop" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # nothing half-written left

@@ -11,6 +11,7 @@ from torch.func import functional_call, jvp
 from fgtutor import fastjvp
 from fgtutor.losses import cross_entropy
 from fgtutor.models import MLP, ConvNet, LogisticRegression
+from fgtutor.tangents import rank_one
 from conftest import seeded
 
 
@@ -202,3 +203,21 @@ def test_a_supported_sequential_that_reuses_an_activation_gets_the_right_jvp():
         y, dy = fastjvp.sequential_jvp(model, tangents, x)
     torch.testing.assert_close(y, y_ref, **TOL)
     torch.testing.assert_close(dy, dy_ref, **TOL)
+
+
+@pytest.mark.parametrize("with_input_tangent", [True, False])
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(6, 5), (4, 6)), (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6))],
+                         ids=["linear", "conv2d"])
+def test_rules_take_a_rank_one_weight_tangent_as_factors(make, shape, with_input_tangent):
+    layer = seeded(make).double()
+    g = torch.Generator().manual_seed(4)
+    factored = {"weight": rank_one(layer.weight.shape, layer.weight, g), "bias": randn(*layer.bias.shape, seed=5)}
+    x, dx = randn(*shape, seed=1), (randn(*shape, seed=2) if with_input_tangent else None)
+    rule = fastjvp.linear if isinstance(layer, nn.Linear) else fastjvp.conv2d
+    with torch.no_grad():
+        y, dy = rule(layer, fastjvp.Dual(x.clone(), None if dx is None else dx.clone()), factored).take()
+    dense_tangents = {"weight": factored["weight"].dense(), "bias": factored["bias"]}
+    check_layer_rule(rule, layer, x, dx, dense_tangents)  # the dense rule agrees with torch.func...
+    with torch.no_grad():
+        _, dy_dense = rule(layer, fastjvp.Dual(x.clone(), None if dx is None else dx.clone()), dense_tangents).take()
+    torch.testing.assert_close(dy, dy_dense, **TOL)  # ...and the factored one with the dense one

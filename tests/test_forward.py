@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from fgtutor.forward import ForwardGradient, directional_derivative, forward_gradient
-from fgtutor.tangents import flat_buffer, sample_, sample_tangents
+from fgtutor.tangents import RankOne, flat_buffer, sample_, sample_tangents
 from fgtutor.losses import cross_entropy
 from fgtutor.models import MLP, ConvNet
 from conftest import seeded
@@ -359,3 +359,67 @@ def test_converting_the_model_after_the_first_step_keeps_fresh_tangents_in_p_gra
         grads.append([p.grad.clone() for p in model.parameters()])
         assert all(p.grad.dtype == p.dtype and p.grad.stride() == p.stride() for p in model.parameters())
     assert not torch.equal(grads[0][0], grads[1][0]), "each call draws a new tangent into p.grad"
+
+
+# rank-one tangents (sampler="rank1"): same mean and same per-coordinate second moment
+
+
+def matrix_quadratic(seed: int = 0):
+    """f(W) = ½‖A W B − C‖², a function of a 4×3 matrix; returns (f, W, ∇f(W))."""
+    g = torch.Generator().manual_seed(seed)
+    A, B, C, W = (torch.randn(*s, generator=g, dtype=F64) for s in ((5, 4), (3, 2), (5, 2), (4, 3)))
+    f = lambda w: 0.5 * (A @ w @ B - C).pow(2).sum()  # noqa: E731
+    return f, W, A.T @ (A @ W @ B - C) @ B.T
+
+
+def rank_one_estimates(seed: int, n: int = 4000):
+    """n rank-one forward gradients (∇f·v) v of the matrix quadratic, and its gradient."""
+    f, W, grad = matrix_quadratic(seed)
+    g = torch.Generator().manual_seed(seed)
+    v = torch.stack([sample_tangents(W, "rank1", g) for _ in range(n)])
+    return (v * grad).sum((1, 2))[:, None, None] * v, grad
+
+
+def test_forward_gradient_with_rank_one_tangents_is_the_directional_derivative_times_the_tangent():
+    f, W, grad = matrix_quadratic()
+    _, est = forward_gradient(f, W, sampler="rank1", generator=torch.Generator().manual_seed(5))
+    v = sample_tangents(W, "rank1", torch.Generator().manual_seed(5))
+    assert torch.linalg.matrix_rank(v) == 1
+    torch.testing.assert_close(est, (grad * v).sum() * v)
+
+
+def test_rank_one_forward_gradients_average_to_the_gradient():
+    est, grad = rank_one_estimates(0)
+    se = est.std(0) / len(est) ** 0.5
+    assert ((est.mean(0) - grad).abs() < 5 * se).all()
+
+
+def test_rank_one_tangents_keep_every_coordinates_second_moment_at_the_squared_gradient_norm():
+    # each entry of a rank-one tangent is ±1, so g_ij² = (∇f·v)² and E[g_ij²] = ‖∇f‖², as for i.i.d. signs
+    est, grad = rank_one_estimates(1)
+    second = est.pow(2).mean(0)
+    assert torch.allclose(second, second[0, 0].expand_as(second))  # the same for every coordinate
+    assert abs(second[0, 0].item() / grad.pow(2).sum().item() - 1) < 0.1
+
+
+@pytest.mark.parametrize("make", [lambda: small_mlp(), lambda: seeded(ConvNet).double()], ids=["mlp", "convnet"])
+def test_rank_one_estimate_in_p_grad_is_the_directional_derivative_times_the_dense_tangent(make):
+    model = make()
+    x, y = batch(2)
+    estimate = ForwardGradient(model, sampler="rank1", generator=torch.Generator().manual_seed(3))
+    loss = estimate(x, y)
+    tangent = {n: t.dense() if isinstance(t, RankOne) else t.clone() for n, t in estimate._last.items()}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ref_loss, dd = jvp(xent_of(model, x, y), (params,), (tangent,))
+    torch.testing.assert_close(loss, ref_loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, dd * tangent[n])
+
+
+def test_rank_one_fast_and_torch_func_paths_give_the_same_estimate_from_the_same_seed():
+    model = small_mlp()
+    x, y = batch()
+    ForwardGradient(model, sampler="rank1", num_tangents=2, generator=torch.Generator().manual_seed(9), fast=True)(x, y)
+    fast = grads_of(model)
+    ForwardGradient(model, sampler="rank1", num_tangents=2, generator=torch.Generator().manual_seed(9), fast=False)(x, y)
+    torch.testing.assert_close(grads_of(model), fast)

@@ -244,3 +244,19 @@ def test_forward_step_leaves_the_weights_alone_when_the_loss_is_not_finite():
     assert not torch.isfinite(loss)
     for p, q in zip(model.parameters(), before.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_the_fused_rank_one_step_equals_writing_the_dense_estimate_then_a_torch_sgd_step(clip):
+    model = seeded(lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    reference, before = copy.deepcopy(model), copy.deepcopy(model)
+    x, y = classification_batch(0)
+    estimate = ForwardGradient(model, sampler="rank1", clip=clip, generator=torch.Generator().manual_seed(2))
+    loss = forward_step(estimate, torch.optim.SGD(model.parameters(), lr=0.5), x, y)
+    ref = ForwardGradient(reference, sampler="rank1", clip=clip, generator=torch.Generator().manual_seed(2))
+    ref_loss = ref(x, y)  # p.grad = dd · (u wᵀ), dense
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    torch.testing.assert_close(loss, ref_loss)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters())), "every weight moved"

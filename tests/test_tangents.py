@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fgtutor.tangents import flat_buffer, rademacher_, sample_tangents
+from fgtutor.tangents import RankOne, flat_buffer, rademacher_, rank_one, sample_tangents
 
 F64 = torch.float64
 
@@ -76,3 +76,26 @@ def test_flat_buffer_views_share_one_buffer_and_keep_each_layout():
     assert all(v.shape == like[n].shape and v.stride() == like[n].stride() for n, v in views.items())
     flat.fill_(3.0)
     assert all((v == 3.0).all() for v in views.values())
+
+
+# rank-one tangents: u ⊗ w for a matrix, u ⊗ w ⊗ s for a convolution's weight
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 2, 2), (5,)], ids=["matrix", "conv", "vector"])
+def test_rank_one_tangents_are_signs_with_identity_covariance(shape):
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    v = torch.stack([sample_tangents(torch.zeros(shape, dtype=F64), "rank1", g).flatten() for _ in range(n)])
+    assert torch.all(v.abs() == 1)
+    cov = v.T @ v / n  # E[v vᵀ] = I: unit diagonal, uncorrelated entries
+    off = cov - torch.eye(v.shape[1], dtype=F64)
+    assert off.abs().max() < 5 / n ** 0.5  # five standard errors of a mean of n ±1 products
+
+
+def test_a_rank_one_tangent_is_an_outer_product_of_its_factors():
+    g = torch.Generator().manual_seed(1)
+    t = rank_one(torch.Size((4, 3, 2, 2)), torch.zeros(1, dtype=F64), g)
+    assert isinstance(t, RankOne) and t.dense().shape == (4, 3, 2, 2)
+    torch.testing.assert_close(t.dense(), torch.einsum("i,j,k->ijk", t.u, t.w, t.s).view(4, 3, 2, 2))
+    assert torch.linalg.matrix_rank(t.dense().flatten(1)) == 1
+    torch.testing.assert_close(t.kernel()[0], (t.w[:, None] * t.s).view(3, 2, 2))
