@@ -6,7 +6,7 @@ several seeds); functions take ``{label: group}`` mappings.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,11 +55,11 @@ def ms_per_step(group: Sequence[History]) -> float:
     return float(np.mean([1000 * run.epochs[-1]["train_seconds"] / max(1, run.epochs[-1]["step"]) for run in group]))
 
 
-def time_to_loss(run: History, target: float, column: str = "test_loss") -> float:
-    """Training seconds until ``column`` first reaches ``target`` (linear interpolation
-    between evaluations); NaN if it never does."""
+def time_to_loss(run: History, target: float, column: str = "test_loss", by: str = "train_seconds") -> float:
+    """Training seconds (or, with ``by="step"``, steps) until ``column`` first reaches
+    ``target`` (linear interpolation between evaluations); NaN if it never does."""
     df = pd.DataFrame(run.epochs)
-    seconds, values = df["train_seconds"].to_numpy(), df[column].to_numpy()
+    seconds, values = df[by].to_numpy(dtype=float), df[column].to_numpy()
     hit = np.flatnonzero(values <= target)
     if len(hit) == 0:
         return float("nan")
@@ -80,11 +80,18 @@ def common_target(groups: Groups, column: str = "test_loss") -> float:
 
 
 def time_to_loss_ratio(numerator: Sequence[History], denominator: Sequence[History], target: float,
-                       column: str = "test_loss") -> tuple[float, float]:
+                       column: str = "test_loss", step_ms: Optional[tuple[float, float]] = None
+                       ) -> tuple[float, float]:
     """The paper's measure: training seconds to reach ``target``, ``numerator`` over
     ``denominator``, seed by seed (runs are paired by position). Returns mean and sd of
-    the ratio over the pairs where both reached it (NaN if none did)."""
-    times = np.array([(time_to_loss(a, target, column), time_to_loss(b, target, column))
+    the ratio over the pairs where both reached it (NaN if none did).
+
+    With ``step_ms = (numerator's, denominator's)`` milliseconds per step, the time is
+    steps to ``target`` × the cost of a step instead of the runs' recorded seconds: the
+    progress comes from the runs, the cost from a clean measurement on one machine."""
+    by = "train_seconds" if step_ms is None else "step"
+    scale = (1.0, 1.0) if step_ms is None else step_ms
+    times = np.array([(scale[0] * time_to_loss(a, target, column, by), scale[1] * time_to_loss(b, target, column, by))
                       for a, b in zip(numerator, denominator)])
     ok = np.isfinite(times).all(axis=1) & (times[:, 1] > 0)  # reached by both, after some training
     ratios = times[ok, 0] / times[ok, 1]

@@ -81,7 +81,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "sample_sizes": _list_of(_positive_int, "[10, 100, 1000]"),
         "device": _one_of(*DEVICES),
     }
-    rules.update(dict.fromkeys(("lr", "beale_lr", "rosenbrock_lr"), check_positive))
+    rules.update(dict.fromkeys(("lr", "forward_lr", "backprop_lr", "beale_lr", "rosenbrock_lr"), check_positive))
     rules.update(dict.fromkeys(("beale_start", "rosenbrock_start", "sample_point"), _point))
     rules.update(dict.fromkeys((
         "epochs", "logreg_epochs", "schedule_epochs", "analysis_epochs", "short_epochs", "search_epochs",

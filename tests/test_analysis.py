@@ -73,3 +73,20 @@ def test_the_common_target_is_the_worst_final_loss_of_the_runs_that_finished():
     assert common_target(groups) == 1.5
     with pytest.raises(ValueError, match="every run diverged"):
         common_target({"b": groups["b"]})
+
+
+def test_time_to_loss_counts_steps_with_by_step():
+    run = History(epochs=[{"epoch": 0, "step": 0, "train_seconds": 0.0, "test_loss": 2.0},
+                          {"epoch": 1, "step": 100, "train_seconds": 10.0, "test_loss": 1.0}])
+    assert time_to_loss(run, 1.5, by="step") == pytest.approx(50.0)
+    assert time_to_loss(run, 1.5) == pytest.approx(5.0)
+
+
+def test_time_to_loss_ratio_from_steps_times_a_measured_step_cost():
+    fast = History(epochs=[{"epoch": 0, "step": 0, "train_seconds": 0.0, "test_loss": 2.0},
+                           {"epoch": 1, "step": 100, "train_seconds": 99.0, "test_loss": 1.0}])
+    slow = History(epochs=[{"epoch": 0, "step": 0, "train_seconds": 0.0, "test_loss": 2.0},
+                           {"epoch": 1, "step": 200, "train_seconds": 1.0, "test_loss": 1.0}])
+    # half the steps at three times the cost per step: 1.5 times the time, whatever the recorded seconds
+    ratio, _ = time_to_loss_ratio([fast], [slow], 1.0, step_ms=(3.0, 1.0))
+    assert ratio == pytest.approx(1.5)
