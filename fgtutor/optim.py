@@ -82,6 +82,7 @@ def forward_step(estimate: Callable[[Tensor, Tensor], Tensor], optimizer: torch.
         if torch.isfinite(loss):
             if estimate.sampler == "rank1":  # rank-one updates, straight from the factors
                 estimate.descend_(optimizer.param_groups[0]["lr"] * estimate.clip_(dd).item())
+                optimizer._opt_called = True  # a step was taken, outside optimizer.step(): tell the LR schedule
             else:
                 sgd_along(optimizer, estimate.clip_(dd))
         return loss.detach()
