@@ -51,8 +51,9 @@ def final_scores(groups: Groups, columns: Sequence[str] = ("test_loss", "test_ac
 
 
 def ms_per_step(group: Sequence[History]) -> float:
-    """Mean training milliseconds per step over the runs of a group."""
-    return float(np.mean([1000 * run.epochs[-1]["train_seconds"] / max(1, run.epochs[-1]["step"]) for run in group]))
+    """Training milliseconds per step, the median over the runs of a group: robust to one
+    run slowed down by other work on the machine."""
+    return float(np.median([1000 * run.epochs[-1]["train_seconds"] / max(1, run.epochs[-1]["step"]) for run in group]))
 
 
 def time_to_loss(run: History, target: float, column: str = "test_loss", by: str = "train_seconds") -> float:

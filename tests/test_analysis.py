@@ -90,3 +90,8 @@ def test_time_to_loss_ratio_from_steps_times_a_measured_step_cost():
     # half the steps at three times the cost per step: 1.5 times the time, whatever the recorded seconds
     ratio, _ = time_to_loss_ratio([fast], [slow], 1.0, step_ms=(3.0, 1.0))
     assert ratio == pytest.approx(1.5)
+
+
+def test_ms_per_step_is_the_median_so_one_slowed_run_does_not_move_it():
+    group = [run([2.0, 1.0], [0, 1.0]), run([2.0, 1.0], [0, 1.1]), run([2.0, 1.0], [0, 9.0])]
+    assert ms_per_step(group) == pytest.approx(110.0)  # 1.1 s over 10 steps, not the mean
