@@ -118,7 +118,11 @@ def table(frame: Any, caption: str, digits: int = 3) -> Any:
     pandas ``Styler``, which a notebook displays as an HTML table."""
     if not caption:
         raise ValueError("caption is empty: say what the table shows, in a sentence.")
-    return frame.style.set_caption(caption).format(precision=digits, thousands=",", na_rep="–")
+    def label(value: Any) -> Any:  # row and column labels such as learning rates: 3 significant digits
+        return f"{value:.3g}" if isinstance(value, float) else value
+
+    return (frame.style.set_caption(caption).format(precision=digits, thousands=",", na_rep="–")
+            .format_index(label, axis=0).format_index(label, axis=1))
 
 
 def chapter_parameters(notebook: str | Path) -> dict:

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .utils import staging_dir
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -184,32 +185,10 @@ def _install(staged: dict[str, Path], root: Path, names: Sequence[str]) -> None:
         raise _SourceError("; ".join(problems))
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` is still running (someone else's counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process: alive
-        return True
-    return True
-
-
 def _staging_dir(root: Path) -> Path:
-    """Create a temporary directory inside ``raw_dir(root)`` (same filesystem), named
-    after this process, after removing those of fetches whose process is gone (killed
-    with SIGKILL or SIGTERM, they could not clean up after themselves)."""
-    raw = raw_dir(root)
-    raw.mkdir(parents=True, exist_ok=True)
-    for old in raw.glob(".fgtutor-tmp-*"):
-        pid = old.name.split("-")[2]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".fgtutor-tmp-{os.getpid()}-", dir=raw))
+    """A temporary folder inside ``raw_dir(root)``, where the files are staged and checked
+    before they are renamed into place (``fgtutor.utils.staging_dir``)."""
+    return staging_dir(raw_dir(root), "tmp")
 
 
 def _fetch_torchvision(root: Path, names: Sequence[str]) -> None:

@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -151,3 +152,32 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` is still running (someone else's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process: alive
+        return True
+    return True
+
+
+def staging_dir(folder: Path, name: str) -> Path:
+    """A new temporary folder ``.fgtutor-<name>-<pid>-*`` inside ``folder`` (same filesystem,
+    so that moving its contents into place is an atomic rename), after removing those left
+    by processes that are gone (killed with SIGKILL, they could not clean up after
+    themselves)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f".fgtutor-{name}-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".fgtutor-{name}-{os.getpid()}-", dir=folder))
+
