@@ -210,6 +210,7 @@ def fit(
     meta: Optional[dict] = None,
     max_steps: Optional[int] = None,
     checkpoint: Union[str, Path, None] = None,
+    on_epoch: Optional[Callable[[dict], bool]] = None,
 ) -> History:
     """Train ``model`` with ``method`` = ``"forward"`` or ``"backprop"`` and record a History.
 
@@ -239,6 +240,14 @@ def fit(
     atomically, a call with the same run and path continues after the last finished epoch
     (with exactly the history an uninterrupted run would have), and the file is removed
     when the run ends.
+
+    ``on_epoch`` (e.g. a hyper-parameter search reporting to its pruner,
+    ``fgtutor.sweep``) is called with every evaluation row as it is recorded (epoch 0
+    first; on resuming from ``checkpoint``, the restored rows first) and returns True to
+    stop the run there. It only reads: the run's numbers are those of a run without it. A
+    run it stopped before its last epoch is not a finished run: its History has
+    ``meta["stopped_after_epoch"]``, it must not be stored as one, and its checkpoint (if
+    any) is kept, so that the same run can be continued later.
     """
     check_type("model", model, nn.Module, "a torch.nn.Module")
     check_choice("method", method, METHODS)
@@ -316,11 +325,18 @@ def fit(
         first_epoch = history.epochs[-1]["epoch"] + 1
     else:
         record(0)
+    stopped_after = None
+    for row in history.epochs if on_epoch is not None else ():
+        if on_epoch(row):
+            stopped_after = row["epoch"]
+            break
     steps_per_epoch = math.ceil(len(Y) / batch_size)
     bar = tqdm(total=epochs * steps_per_epoch, initial=(first_epoch - 1) * steps_per_epoch,
                desc=f"{method} {type(model).__name__}", disable=not progress, mininterval=1.0, leave=False)
     model.train()
     for epoch in range(first_epoch, epochs + 1):
+        if stopped_after is not None:
+            break
         synchronize(device)
         start = time.perf_counter()
         for x, y in batches(X, Y, batch_size, generator=data_order):
@@ -357,8 +373,12 @@ def fit(
                 "schedule": schedule.state_dict() if schedule is not None else None,
                 "generators": {name: g.get_state() for name, g in generators.items()},
                 "history": asdict(history)})
+        if on_epoch is not None and on_epoch(history.epochs[-1]) and epoch < epochs:
+            stopped_after = epoch
     bar.close()
-    if checkpoint is not None:
+    if stopped_after is not None:
+        history.meta["stopped_after_epoch"] = stopped_after
+    elif checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
     return history
 
