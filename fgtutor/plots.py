@@ -336,7 +336,7 @@ def plot_sweep(results: pd.DataFrame, metric: str = "val_loss", title: str = "",
             r = rows[rows[by] == value].sort_values("lr")
             name = f"decay {value:.0e}" if by == "decay" else str(value)
             ax.plot(r["lr"], r[metric], "o-", color=color, ms=4,
-                    alpha=0.4 + 0.6 * (j + 1) / len(values), label=f"{method}, {name}")
+                    alpha=0.4 + 0.6 * (j + 1) / len(values), label=method if by == "method" else f"{method}, {name}")
             bad = r[r["diverged"] | r[metric].isna()]
             ax.plot(bad["lr"], np.full(len(bad), top), "x", color=color, ms=9, mew=2)
     ax.set_xscale("log")
