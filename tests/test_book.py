@@ -27,7 +27,7 @@ TINY = {
     "lr_search": {"forward_lrs": [1e-4, 1e-3, 1e-2], "backprop_lrs": [1e-2, 1e-1, 1.0], "short_n_train": 128,
                   "search_n_train": 256, "search_epochs": 1, "final_epochs": 1, "seeds": [0, 1]},
     "cost": {"repeats": 2, "warmup": 1, "large_batch": 256, "loading_images": 2000},
-    "rank1": {"models": ["mlp"], "repeats": 2, "warmup": 1, "epochs": 1, "n_train": 256, "seeds": [0, 1]},
+    "rank1": {"models": ["mlp", "convnet"], "repeats": 2, "warmup": 1, "epochs": 1, "n_train": 256, "seeds": [0, 1]},
 }
 GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")
 NUMREF = re.compile(r"\{numref\}`([^`<]+?)`|\{numref\}`[^`]*<([^>]+)>`")
