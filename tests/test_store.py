@@ -3,7 +3,6 @@ are atomic and exclusive; batches resume; corrupt files are named; stored runs r
 import gzip
 import json
 import multiprocessing
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import pytest
 from fgtutor import store
 from fgtutor.store import (CorruptRunError, MissingRunsError, StaleRunError, check_replay, load, read,
                            run_config, run_key, run_path, save, stored_note, thin, train_and_save, train_runs)
-from fgtutor.train import History
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny but real: logistic regression on 256 images, one epoch, scored on the validation set
