@@ -62,6 +62,22 @@ def _point(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: use two numbers [x, y].")
 
 
+def _grids(name: str, value) -> None:
+    """A dict of estimator → non-empty list of [optimizer, learning rate] candidates."""
+    from .train import OPTIMIZERS
+
+    example = "{'backprop': [['sgd', 0.1], ['adam', 0.001]]}"
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{name}={value!r} is not allowed: use a dict of candidate lists, e.g. {example}.")
+    for key, candidates in value.items():
+        if not isinstance(candidates, (list, tuple)) or not candidates or not all(
+                isinstance(c, (list, tuple)) and len(c) == 2 and c[0] in OPTIMIZERS
+                and isinstance(c[1], (int, float)) and not isinstance(c[1], bool) and c[1] > 0 for c in candidates):
+            raise ValueError(f"{name}[{key!r}]={candidates!r} is not allowed: use a non-empty list of "
+                             f"[optimizer, learning rate] pairs, optimizer one of {', '.join(OPTIMIZERS)}, "
+                             "e.g. [['sgd', 0.1], ['adam', 0.001]].")
+
+
 def _one_of(*allowed) -> Callable[[str, Any], None]:
     return lambda name, value: check_choice(name, value, allowed)
 
@@ -80,13 +96,14 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "backprop_lrs": _list_of(check_positive, "[0.01, 0.1]"),
         "sample_sizes": _list_of(_positive_int, "[10, 100, 1000]"),
         "device": _one_of(*DEVICES),
+        "grids": _grids, "tangent_counts": _list_of(_positive_int, "[1, 4, 16]"),
     }
     rules.update(dict.fromkeys(("lr", "forward_lr", "backprop_lr", "beale_lr", "rosenbrock_lr"), check_positive))
     rules.update(dict.fromkeys(("beale_start", "rosenbrock_start", "sample_point"), _point))
     rules.update(dict.fromkeys((
         "epochs", "logreg_epochs", "schedule_epochs", "analysis_epochs", "short_epochs", "search_epochs",
         "final_epochs", "batch_size", "large_batch", "n_train", "short_n_train", "search_n_train", "n_val",
-        "smooth", "n_shuffles", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
+        "smooth", "n_shuffles", "num_tangents", "cosine_draws", "warm_steps", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
         _positive_int))
     return rules
 

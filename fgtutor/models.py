@@ -7,7 +7,8 @@ carries its name (``type(model).__name__``) into printed models and run historie
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .utils import check_choice
 
@@ -67,11 +68,72 @@ class ConvNet(nn.Sequential):
         self.to(memory_format=torch.channels_last)
 
 
-MODELS = {"logreg": LogisticRegression, "mlp": MLP, "convnet": ConvNet}
+def normalize(h: Tensor) -> Tensor:
+    """Layer normalization without learned scale or shift: each row to mean 0, variance 1."""
+    return F.layer_norm(h, h.shape[-1:])
+
+
+class LocalMLP(nn.Module):
+    r"""The MLP with a local loss per group of units (Ren et al. 2023): the model that
+    local-loss forward gradients (``fgtutor.activity``) train.
+
+    Two blocks ``h_l = relu(W_l·norm(h_{l-1}) + b_l)`` (784 → 1024 → 1024) and an output
+    layer ``out(norm(h_2))`` → 10, where ``norm`` is layer normalization without learned
+    parameters (``normalize``). Each block's units fall into ``groups`` groups; group
+    :math:`g` of block :math:`l` has its own linear head on the normalized block output,
+    ``heads[l]`` outputs :math:`10g … 10g+9`, and its own cross-entropy
+
+    .. math:: L_{l,g} = \mathrm{CE}ig(H_{l,g}\,\mathrm{norm}(ar h_{l,g}) + c_{l,g},\ yig),
+
+    where :math:`ar h_{l,g}` is :math:`h_l` with every unit outside group :math:`g`
+    detached (a stop-gradient: the value is unchanged, only group :math:`g` is trained by
+    this loss). Each block's input is detached too, so no gradient flows between blocks.
+    ``local_losses`` returns :math:`\sum_g L_{l,g}` for every block and the output loss;
+    ``forward`` returns the output layer's logits (the heads only train, they never
+    predict). Backprop of ``model(x)`` trains it as a plain MLP (the heads get no gradient).
+    """
+
+    def __init__(self, hidden: int = 1024, groups: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        for name, value in (("hidden", hidden), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not allowed: use a positive integer.")
+        if hidden % groups:
+            raise ValueError(f"groups={groups} does not divide hidden={hidden}: use a divisor, e.g. 64 for 1024.")
+        self.groups, self.classes = groups, classes
+        self.blocks = nn.ModuleList([nn.Linear(784, hidden), nn.Linear(hidden, hidden)])
+        self.heads = nn.ModuleList([nn.Linear(hidden, groups * classes) for _ in self.blocks])
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.flatten(1)
+        for block in self.blocks:
+            h = F.relu(block(normalize(h)))
+        return self.out(normalize(h))
+
+    def local_losses(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        """``[Σ_g L_1g, Σ_g L_2g, L_out]`` with the stop-gradients of the definition, for
+        autograd: the reference that the forward-mode estimator must match on average."""
+        losses, h = [], x.flatten(1)
+        for block, head in zip(self.blocks, self.heads):
+            h = F.relu(block(normalize(h.detach())))
+            width = h.shape[1] // self.groups
+            loss = h.new_zeros(())
+            for g in range(self.groups):
+                units = slice(g * width, (g + 1) * width)
+                h_g = torch.cat([h[:, :units.start].detach(), h[:, units], h[:, units.stop:].detach()], 1)
+                logits = head(normalize(h_g))[:, g * self.classes:(g + 1) * self.classes]
+                loss = loss + F.cross_entropy(logits, y)
+            losses.append(loss)
+        losses.append(F.cross_entropy(self.out(normalize(h.detach())), y))
+        return losses
+
+
+MODELS = {"logreg": LogisticRegression, "mlp": MLP, "convnet": ConvNet, "local_mlp": LocalMLP}
 
 
 def make_model(name: str, **kwargs) -> nn.Module:
-    """Build a model by name: ``"logreg"``, ``"mlp"`` or ``"convnet"``."""
+    """Build a model by name: ``"logreg"``, ``"mlp"``, ``"convnet"`` or ``"local_mlp"``."""
     check_choice("model", name, tuple(MODELS))
     try:
         return MODELS[name](**kwargs)

@@ -344,3 +344,26 @@ def plot_sweep(results: pd.DataFrame, metric: str = "val_loss", title: str = "",
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_cosines(measured: pd.DataFrame, title: str = "") -> Figure:
+    """Cosine between estimates and the gradient (log scale), one row per estimator and a
+    colour per ``stage``: one dot per draw, the mean as a bar; a black tick where
+    ``measured`` has a ``theory`` value for that estimator (columns ``estimator``,
+    ``stage``, ``cosine`` and optionally ``theory``)."""
+    estimators = list(dict.fromkeys(measured["estimator"]))
+    fig = _figure(figsize=(8, 0.55 * len(estimators) + 1.8))
+    ax = fig.subplots()
+    data = measured.assign(cosine=measured["cosine"].abs().clip(lower=1e-6))  # a log axis needs > 0
+    sns.stripplot(data=data, x="cosine", y="estimator", hue="stage", dodge=True, alpha=0.5, size=4, ax=ax,
+                  order=estimators, log_scale=True)
+    sns.pointplot(data=data, x="cosine", y="estimator", hue="stage", dodge=0.4, errorbar=None, markers="|",
+                  markersize=14, linestyles="none", ax=ax, order=estimators, legend=False)
+    if "theory" in measured:
+        theory = measured.dropna(subset=["theory"]).groupby("estimator", sort=False)["theory"].first()
+        ys = [estimators.index(e) for e in theory.index]
+        ax.scatter(theory.to_numpy(), ys, marker="|", s=400, color="black", zorder=5, label="theory (FG-W)")
+    ax.set(xlabel="|cosine| with the gradient (log scale)", ylabel="", title=title)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig

@@ -60,7 +60,7 @@ from . import __version__
 from .data import load_mnist, train_val_split
 from .forward import SAMPLERS
 from .models import MODELS
-from .train import METHODS, History, train_model
+from .train import METHODS, OPTIMIZERS, PERTURB, History, train_model
 from .utils import atomic_write, check_choice, check_positive
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -77,6 +77,9 @@ DEFAULTS = {
     "n_train": 50_000, "n_val": 10_000, "split_seed": 0, "eval_sets": ["val", "test"],
     "sampler": "rademacher", "num_tangents": 1, "clip": None,
 }
+#: settings added after the first stored runs. A configuration holds them only when they
+#: differ from these defaults, so that the runs stored before them keep their keys.
+LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights"}
 EVAL_SETS = ("val", "test")
 FORWARD_ONLY = ("sampler", "num_tangents", "clip")
 
@@ -99,14 +102,18 @@ def run_config(**settings) -> dict:
     Unknown names and bad values raise ``ValueError`` naming the setting, so that a typo
     never becomes a silently different (and separately stored) run.
     """
-    unknown = sorted(set(settings) - set(DEFAULTS))
+    unknown = sorted(set(settings) - set(DEFAULTS) - set(LATER_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; "
-                         f"the settings are: {', '.join(DEFAULTS)}.")
-    c = {**DEFAULTS, **settings}
+                         f"the settings are: {', '.join([*DEFAULTS, *LATER_DEFAULTS])}.")
+    c = {**DEFAULTS, **LATER_DEFAULTS, **settings}
     check_choice("model", c["model"], tuple(MODELS))
     check_choice("method", c["method"], METHODS)
     check_choice("schedule_every", c["schedule_every"], ("step", "epoch"))
+    check_choice("optimizer", c["optimizer"], OPTIMIZERS)
+    check_choice("perturb", c["perturb"], PERTURB)
+    if c["optimizer"] == "adam" and c["momentum"]:
+        raise ValueError(f"momentum={c['momentum']} is an SGD setting: use momentum=0 with optimizer='adam'.")
     for name in ("lr",):
         check_positive(name, c[name])
     for name in ("decay", "momentum"):
@@ -131,8 +138,15 @@ def run_config(**settings) -> dict:
         if c["clip"] is not None:
             check_positive("clip", c["clip"])
             c["clip"] = float(c["clip"])
+        if c["perturb"] == "activities" and (c["num_tangents"] != 1 or c["clip"] is not None or c["sampler"] == "rank1"):
+            raise ValueError("perturb='activities' takes one tangent, no clip and a 'rademacher' or 'gaussian' "
+                             "sampler; num_tangents, clip and 'rank1' belong to perturb='weights'.")
     else:
         c.update(dict.fromkeys(FORWARD_ONLY))
+        c["perturb"] = LATER_DEFAULTS["perturb"]
+    for name, default in LATER_DEFAULTS.items():
+        if c[name] == default:
+            del c[name]
     return c
 
 
@@ -187,6 +201,7 @@ def run_path(config: dict, root: Union[str, Path, None] = None) -> Path:
 def describe(config: dict) -> str:
     """A short human label, e.g. ``mlp forward lr=2e-04 decay=1e-04 50 epochs seed 0``."""
     extra = "".join(f" {k}={config[k]}" for k in ("momentum", "clip") if config[k])
+    extra += "".join(f" {config[k]}" for k in LATER_DEFAULTS if k in config)
     if config["method"] == "forward" and (config["sampler"] != "rademacher" or config["num_tangents"] != 1):
         extra += f" {config['sampler']}×{config['num_tangents']}"
     if config["schedule_every"] != "step":
@@ -298,6 +313,7 @@ def _fit_kwargs(config: dict) -> dict:
                   batch_size=config["batch_size"], seed=config["seed"], schedule_every=config["schedule_every"])
     if config["method"] == "forward":
         kwargs.update({k: config[k] for k in FORWARD_ONLY})
+    kwargs.update({k: config[k] for k in LATER_DEFAULTS if k in config})
     return kwargs
 
 

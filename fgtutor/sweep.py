@@ -11,9 +11,11 @@ store's lock, so that two workers never train one configuration twice.
 
 The study lives in a database: an SQLite file by default (``runs/studies.db`` beside
 ``results/``: no server needed), or any SQLAlchemy URL, e.g. PostgreSQL, that several
-machines share. ``python -m fgtutor.sweep --storage URL --study NAME ...`` joins a study as
-one worker; start as many as you like, on as many machines, and each runs trials until
-the grid is complete (or the budget spent). Rerunning continues the study.
+machines share; ``scratch_storage()`` gives a throw-away SQLite file, for a study that
+lives as long as one run of a chapter. ``python -m fgtutor.sweep --storage URL --study
+NAME ...`` joins a study as one worker; start as many as you like, on as many machines,
+and each runs trials until the grid is complete (or the budget spent). Rerunning
+continues the study.
 
 * Fault tolerance: a running trial sends a heartbeat every ``heartbeat`` seconds. A
   worker that dies (killed, machine lost) stops sending; after ``grace`` seconds another
@@ -39,11 +41,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import optuna
@@ -93,6 +97,18 @@ def default_storage() -> str:
     """``sqlite:///…/runs/studies.db``: an SQLite file beside ``results/`` (and the private
     run cache ``runs/store``)."""
     return f"sqlite:///{store.default_root().parent / 'runs' / 'studies.db'}"
+
+
+@contextlib.contextmanager
+def scratch_storage() -> Iterator[str]:
+    """The URL of an SQLite file in a new temporary folder, removed with it on exit: for
+    studies that live as long as one run of a chapter, so that a rebuild never continues
+    (nor depends on) an earlier study. A study over stored runs is rebuilt in seconds."""
+    folder = Path(tempfile.mkdtemp(prefix="fgtutor-studies-"))
+    try:
+        yield f"sqlite:///{folder / 'studies.db'}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def shown(url: str) -> str:

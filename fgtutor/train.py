@@ -29,6 +29,7 @@ with warnings.catch_warnings():  # without ipywidgets, tqdm.auto falls back to t
     warnings.simplefilter("ignore", TqdmWarning)
     from tqdm.auto import tqdm
 
+from .activity import ActivityGradient
 from .data import batches
 from .forward import ForwardGradient
 from .losses import cross_entropy
@@ -38,6 +39,11 @@ from .utils import (atomic_write, check_choice, check_positive, check_type, make
                     seed_everything, synchronize)
 
 METHODS = ("forward", "backprop")
+#: what a forward gradient perturbs: all weights at once (``ForwardGradient``, FG-W) or
+#: every layer's activities (``ActivityGradient``: FG-A, or LG-FG-A on a ``LocalMLP``)
+PERTURB = ("weights", "activities")
+#: the optimizers ``train_model`` builds by name
+OPTIMIZERS = ("sgd", "adam")
 Dataset = tuple[Tensor, Tensor]
 
 
@@ -204,6 +210,7 @@ def fit(
     sampler: str = "rademacher",
     num_tangents: int = 1,
     clip: Optional[float] = None,
+    perturb: str = "weights",
     schedule_every: str = "step",
     eval_batch_size: int = 1000,
     progress: bool = True,
@@ -226,7 +233,10 @@ def fit(
     into ``p.grad`` and calling ``optimizer.step()``, with one memory pass fewer; after it
     ``p.grad`` holds the tangent ``v``, not the estimate. With ``sampler="rank1"`` (a
     rank-one tangent per weight matrix, ``fgtutor.tangents``) each matrix takes a rank-one
-    update instead and ``p.grad`` is not written.
+    update instead and ``p.grad`` is not written. ``perturb="activities"`` estimates
+    ``.grad`` by perturbing every layer's activities instead of the weights
+    (``fgtutor.activity.ActivityGradient``; on a ``LocalMLP`` with its local losses),
+    with one tangent and no clipping.
 
     The data order comes from a generator seeded with ``seed`` and the tangents from a
     second one seeded with ``seed + 1``, so two runs with the same seed see the same
@@ -259,6 +269,10 @@ def fit(
     check_positive("batch_size", batch_size, integer=True)
     check_positive("eval_batch_size", eval_batch_size, integer=True)
     check_choice("schedule_every", schedule_every, ("step", "epoch"))
+    check_choice("perturb", perturb, PERTURB)
+    if method == "forward" and perturb == "activities" and (num_tangents != 1 or clip is not None):
+        raise ValueError(f"perturb='activities' takes one tangent and no clip (got num_tangents={num_tangents}, "
+                         f"clip={clip}); these settings belong to perturb='weights'.")
     if max_steps is not None:
         check_positive("max_steps", max_steps, integer=True)
     if not any(p.requires_grad for p in model.parameters()):
@@ -278,10 +292,19 @@ def fit(
         "eval_sets": {name: len(d[1]) for name, d in eval_sets.items()},
         "loss": getattr(loss_fn, "__name__", repr(loss_fn)),
         **({"sampler": sampler, "num_tangents": num_tangents, "clip": clip} if method == "forward" else {}),
+        **({"perturb": perturb} if method == "forward" and perturb != "weights" else {}),
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "python": platform.python_version(), **(meta or {}),
     })
-    if method == "forward":
+    if method == "forward" and perturb == "activities":
+        estimate = ActivityGradient(model, loss_fn, sampler=sampler, generator=make_generator(seed + 1, device))
+
+        def train_step(x: Tensor, y: Tensor) -> Tensor:
+            loss = estimate(x, y)
+            if torch.isfinite(loss):
+                optimizer.step()
+            return loss
+    elif method == "forward":
         estimate = ForwardGradient(model, loss_fn, num_tangents=num_tangents, sampler=sampler, clip=clip,
                                    generator=make_generator(seed + 1, device))
         fused = fuses(estimate, optimizer)  # decided once, not every step
@@ -416,6 +439,7 @@ def train_model(
     lr: float = 2e-4,
     decay: float = 1e-4,
     momentum: float = 0.0,
+    optimizer: str = "sgd",
     epochs: int = 1,
     batch_size: int = 64,
     seed: int = 0,
@@ -423,8 +447,9 @@ def train_model(
     **kwargs,
 ) -> tuple[nn.Module, History]:
     """Seed everything, build the model (a name from ``fgtutor.models.MODELS`` or a
-    zero-argument constructor), SGD and the paper's per-iteration decay, then ``fit``.
-    Returns the trained model and its History.
+    zero-argument constructor), the optimizer (``"sgd"``, with ``momentum``, or
+    ``"adam"``: ``torch.optim.Adam`` with its defaults) and the paper's per-iteration
+    decay, then ``fit``. Returns the trained model and its History.
 
     Calling it twice with the same ``seed`` and different ``method`` trains the same
     initial weights on the same batches: the fair comparison. ``kwargs`` go to ``fit``.
@@ -432,6 +457,9 @@ def train_model(
     check_positive("lr", lr)
     check_positive("decay", decay, allow_zero=True)
     check_positive("momentum", momentum, allow_zero=True)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    if optimizer == "adam" and momentum:
+        raise ValueError(f"momentum={momentum} is an SGD setting; Adam keeps its own moments (use momentum=0).")
     unknown = sorted(set(kwargs) - set(inspect.signature(fit).parameters) - {"meta"})
     if unknown:
         raise ValueError(f"train_model has no argument {', '.join(map(repr, unknown))}; besides its own it passes "
@@ -442,11 +470,12 @@ def train_model(
     seed_everything(seed)
     dev = pick_device(device)
     net = (make_model(model) if isinstance(model, str) else model()).to(dev)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    opt = (torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum) if optimizer == "sgd"
+           else torch.optim.Adam(net.parameters(), lr=lr))
     meta = {"decay": decay, "momentum": momentum, **kwargs.pop("meta", {})}
     if isinstance(model, str):
         meta["model_name"] = model
-    history = fit(net, method, optimizer, train, eval_sets, epochs, batch_size, exp_decay(optimizer, decay),
+    history = fit(net, method, opt, train, eval_sets, epochs, batch_size, exp_decay(opt, decay),
                   seed=seed, meta=meta, **kwargs)
     return net, history
 

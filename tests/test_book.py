@@ -27,6 +27,10 @@ TINY = {
     "lr_search": {"forward_lrs": [1e-4, 1e-3, 1e-2], "backprop_lrs": [1e-2, 1e-1, 1.0], "short_n_train": 128,
                   "search_n_train": 256, "search_epochs": 1, "final_epochs": 1, "seeds": [0, 1]},
     "cost": {"repeats": 2, "warmup": 1, "large_batch": 256, "loading_images": 2000},
+    "beyond": {"epochs": 1, "n_train": 256, "seeds": [0, 1], "tangent_counts": [1, 4], "cosine_draws": 2,
+               "warm_steps": 3, "num_tangents": 2,
+               "grids": {"backprop": [["sgd", 0.1]], "FG-W": [["sgd", 1e-3], ["adam", 1e-4]], "FG-A": [["adam", 1e-3]],
+                         "LG-FG-A": [["adam", 1e-3]], "backprop, local MLP": [["adam", 1e-3]]}},
     "rank1": {"models": ["mlp", "convnet"], "repeats": 2, "warmup": 1, "epochs": 1, "n_train": 256, "seeds": [0, 1]},
 }
 GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")

@@ -179,6 +179,19 @@ def test_a_study_holds_one_search(dirs):
     assert sweep.open_study(sqlite(dirs), "one").user_attrs["grid"] == LRS  # joining needs only the name
 
 
+def test_a_scratch_storage_holds_studies_until_exit_and_then_is_gone(dirs):
+    with sweep.scratch_storage() as url, sweep.scratch_storage() as other:
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        assert url != other and folder.is_dir()
+        sweep.open_study(url, "kept", LRS, BASE)
+        assert sweep.open_study(url, "kept").user_attrs["grid"] == LRS  # a second open finds it
+        assert optuna.study.get_all_study_names(sweep.connect(other)) == []  # a new one starts empty
+    assert not folder.exists()
+    with pytest.raises(KeyError), sweep.scratch_storage() as url:
+        raise KeyError("a failing chapter cell")
+    assert not Path(url.removeprefix("sqlite:///")).parent.exists()
+
+
 def test_a_readonly_build_names_missing_runs_before_any_trial(dirs, monkeypatch):
     monkeypatch.setenv("FGTUTOR_STORE", "readonly")
     study = sweep.open_study(sqlite(dirs), "ro", LRS, BASE)
