@@ -6,7 +6,10 @@ For each model, on the same batch and device, after warm-up, the median of repea
 * ``backprop``: a backprop training step (forward, backward, ``optimizer.step()``);
 * ``forward gradient``: a forward-gradient training step as ``fit`` runs it (tangents,
   forward-mode pass, gradient, ``optimizer.step()``), and its three parts;
-* ``torch.func``: the same step through ``torch.func.jvp`` instead of the fast path.
+* ``torch.func``: the same step through ``torch.func.jvp`` instead of the fast path;
+* ``estimators``: a training step of each estimator of ``fgtutor.activity`` beside
+  backprop's, on the MLP (weight perturbation with 1 and 4 tangents, activity
+  perturbation) and the ``LocalMLP`` (local losses, and backprop of the same model).
 
 From these, the paper's cost ratios :math:`R_f` = forward-gradient step / forward pass and
 :math:`R_b` = backprop step / forward pass. It also measures the peak extra memory of one
@@ -31,6 +34,7 @@ import pandas as pd
 import torch
 
 from .data import batches, default_root, load_mnist
+from .activity import ActivityGradient
 from .forward import ForwardGradient
 from .tangents import SAMPLERS, rademacher_
 from .losses import cross_entropy
@@ -138,6 +142,47 @@ def measure_steps(models=("mlp", "convnet"), batch: int = 64, repeats: int = 30,
             row["torch.func / backprop"] = ms["torch.func"] / ms["backprop"]
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
+
+
+def estimator_steps(batch: int, device: torch.device, num_tangents: int = 4) -> dict[str, Callable[[], object]]:
+    """A plain-SGD training step of every estimator, keyed by name: backprop, weight
+    perturbation (1 and ``num_tangents`` tangents) and activity perturbation on the MLP;
+    local losses (LG-FG-A) and backprop on the ``LocalMLP``."""
+    fns = {}
+    for model_name in ("mlp", "local_mlp"):
+        model, optimizer, x, y = _setup(model_name, batch, device)
+        tag = "" if model_name == "mlp" else ", local MLP"
+        activity = ActivityGradient(model)
+
+        def backprop(model=model, optimizer=optimizer, x=x, y=y):
+            optimizer.zero_grad()
+            cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        def perturb_activities(estimate=activity, optimizer=optimizer, x=x, y=y):
+            estimate(x, y)
+            optimizer.step()
+
+        fns[f"backprop{tag}"] = backprop
+        if model_name == "mlp":
+            for k in (1, num_tangents):
+                estimate = ForwardGradient(model, cross_entropy, num_tangents=k)
+                fns[f"FG-W ×{k}"] = lambda e=estimate, o=optimizer, x=x, y=y: forward_step(e, o, x, y)
+            fns["FG-A"] = perturb_activities
+        else:
+            fns["LG-FG-A"] = perturb_activities
+    return fns
+
+
+def measure_estimators(batch: int = 64, repeats: int = 30, warmup: int = 5, device: str = "auto") -> pd.DataFrame:
+    """Median ms of a training step of every estimator (``estimator_steps``) and its ratio
+    to the MLP's backprop step."""
+    dev = pick_device(device)
+    ms = median_ms(estimator_steps(batch, dev), repeats, warmup, dev)
+    frame = pd.DataFrame({"ms": ms})
+    frame["× backprop step"] = frame["ms"] / ms["backprop"]
+    frame.index.name = f"batch {batch}"
+    return frame
 
 
 def measure_sampling(n: int = 1_863_690, repeats: int = 30, warmup: int = 3, device: str = "auto") -> pd.Series:
@@ -279,7 +324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="tangent samplers to time (the first is also used for memory)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--loading-images", type=int, default=50_000, help="images in the loading epoch")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "loading", "torch.func"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "loading", "torch.func", "estimators"])
     parser.add_argument("--json", type=Path, default=Path("runs/bench.json"), help="where to write the numbers")
     parser.add_argument("--probe-memory", nargs=5, metavar=("MODEL", "METHOD", "BATCH", "DEVICE", "SAMPLER"),
                         help=argparse.SUPPRESS)
@@ -309,6 +354,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     results["steps"] = _frame_to_json(steps)
     print(f"\nMedian milliseconds per call ({torch.get_num_threads()} threads):")
     print(steps.round(3).T.to_string())
+    if "estimators" not in args.skip:
+        estimators = measure_estimators(args.batch[0], args.repeats, args.warmup, args.device)
+        results["estimators"] = _frame_to_json(estimators)
+        print(f"\nA training step of each estimator, batch {args.batch[0]} (plain SGD; fgtutor.activity):")
+        print(estimators.round(3).to_string())
     sampling = measure_sampling(repeats=args.repeats, warmup=args.warmup, device=args.device)
     results["sampling"] = sampling.to_dict()
     print("\nMedian milliseconds to draw one MLP-sized tangent (1,863,690 numbers):")

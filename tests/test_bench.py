@@ -35,6 +35,14 @@ def test_measure_sampling_times_the_three_samplers():
     assert (ms > 0).all()
 
 
+def test_measure_estimators_times_a_step_of_every_estimator_against_backprop():
+    frame = bench.measure_estimators(batch=2, repeats=1, warmup=0, device="cpu")
+    assert list(frame.index) == ["backprop", "FG-W ×1", "FG-W ×4", "FG-A", "backprop, local MLP", "LG-FG-A"]
+    assert (frame["ms"] > 0).all()
+    assert frame.loc["backprop", "× backprop step"] == 1
+    assert frame.loc["FG-A", "× backprop step"] == pytest.approx(frame.loc["FG-A", "ms"] / frame.loc["backprop", "ms"])
+
+
 def test_measure_memory_probes_each_method_in_a_fresh_process():
     memory = bench.measure_memory(["logreg"], (4,), device="cpu", progress=None)
     row = memory.loc[("logreg", 4)]
@@ -45,7 +53,7 @@ def test_measure_memory_probes_each_method_in_a_fresh_process():
 def test_main_prints_tables_and_writes_json_with_the_machine(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--models", "logreg", "--batch", "4", "8", "--repeats", "2", "--warmup", "0",
-                       "--skip", "memory", "loading", "--json", str(out)]) == 0
+                       "--skip", "memory", "loading", "estimators", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert {"torch", "threads", "cpu_count", "platform"} <= set(results["machine"])
     # every sampler (by default i.i.d. and rank-one signs) at every batch size

@@ -362,6 +362,24 @@ class TestPlotDistribution:
         assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["a", "b"]
 
 
+def cosine_frame() -> pd.DataFrame:
+    rows = [{"estimator": "FG-W ×1", "stage": s, "cosine": c, "theory": 1e-3} for s in ("a", "b") for c in (1e-3, -2e-3)]
+    rows += [{"estimator": "FG-A", "stage": s, "cosine": c} for s in ("a", "b") for c in (0.01, 0.02)]
+    return pd.DataFrame(rows)
+
+
+class TestPlotCosines:
+    def test_one_row_per_estimator_on_a_log_axis_with_the_theory_marked(self):
+        ax = plots.plot_cosines(cosine_frame()).axes[0]
+        assert ax.get_xscale() == "log"
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["FG-W ×1", "FG-A"]
+        assert "theory (FG-W)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+    def test_negative_cosines_are_drawn_by_their_size(self):
+        ax = plots.plot_cosines(cosine_frame().assign(cosine=-0.5)).axes[0]
+        assert all((c.get_offsets()[:, 0] > 0).all() for c in ax.collections if len(c.get_offsets()))
+
+
 def test_no_helper_opens_a_pyplot_figure(histories, trajectories):
     figs = [
         plots.plot_loss(histories, smooth=3, log=True),
@@ -373,6 +391,7 @@ def test_no_helper_opens_a_pyplot_figure(histories, trajectories):
         plots.plot_step_costs(step_table()),
         plots.plot_samples({"a": [[1.0, 2.0], [0.0, 1.0]]}, [0.5, 1.5]),
         plots.plot_distribution([1.0, 2.0], 1.5, xlabel="x"),
+        plots.plot_cosines(cosine_frame()),
     ]
     assert all(isinstance(f, Figure) for f in figs)
     assert plt.get_fignums() == []

@@ -55,7 +55,32 @@ def test_forward_only_settings_do_not_split_backprop_runs():
     assert run_key(run_config(**f, sampler="gaussian")) != run_key(run_config(**f))
 
 
+def test_later_settings_appear_only_when_they_differ_from_their_defaults():
+    # runs stored before `optimizer` and `perturb` existed keep their keys
+    plain = run_config(**TINY)
+    assert "optimizer" not in plain and "perturb" not in plain
+    assert run_config(**TINY, optimizer="sgd") == plain
+    adam = run_config(**TINY, optimizer="adam")
+    assert adam["optimizer"] == "adam" and run_key(adam) != run_key(plain)
+    activities = run_config(**dict(TINY, method="forward"), perturb="activities")
+    assert activities["perturb"] == "activities"
+    assert "perturb" not in run_config(**TINY, perturb="activities")  # backprop perturbs nothing
+    assert "adam" in store.describe(adam) and "activities" in store.describe(activities)
+
+
+def test_a_run_with_adam_and_activity_perturbation_trains_stores_and_replays(root):
+    config = dict(TINY, model="mlp", method="forward", optimizer="adam", perturb="activities", lr=1e-3,
+                  n_train=128)
+    history, = train_runs([config], root=root, progress=False)
+    assert history.meta["optimizer"] == "Adam" and history.meta["perturb"] == "activities"
+    assert check_replay(run_path(run_config(**config), root), steps=3) <= 1e-6
+
+
 @pytest.mark.parametrize("settings, message", [
+    ({"optimizer": "rmsprop"}, "optimizer='rmsprop' is not allowed"),
+    ({"optimizer": "adam", "momentum": 0.9}, "momentum=0.9 is an SGD setting"),
+    ({"method": "forward", "perturb": "biases"}, "perturb='biases' is not allowed"),
+    ({"method": "forward", "perturb": "activities", "num_tangents": 2}, "one tangent"),
     ({"epoch": 3}, "unknown run setting.*'epoch'"),
     ({"lr": -1.0}, "lr=-1.0 is not allowed"),
     ({"model": "resnet"}, "model='resnet' is not allowed"),

@@ -608,3 +608,21 @@ def test_final_of_a_diverged_run_warns_that_it_is_not_a_trained_score():
     h = History(epochs=[{"epoch": 0, "test_loss": 2.3}], diverged=True, message="forward diverged at step 3")
     with pytest.warns(RuntimeWarning, match="diverged.*epoch 0.*forward diverged at step 3"):
         assert h.final("test_loss") == 2.3
+
+
+def test_train_model_builds_adam_when_asked_and_records_it():
+    data = separable(256, seed=0)
+    _, history = train_model("logreg", "backprop", data, {"train": data}, lr=1e-2, optimizer="adam", epochs=2,
+                             progress=False)
+    assert history.meta["optimizer"] == "Adam"
+    assert history.epochs[-1]["train_loss"] < history.epochs[0]["train_loss"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optimizer": "rmsprop"}, "optimizer='rmsprop' is not allowed"),
+    ({"optimizer": "adam", "momentum": 0.9}, "momentum=0.9 is an SGD setting"),
+])
+def test_train_model_rejects_a_bad_optimizer_choice(kwargs, message):
+    data = separable(32, seed=0)
+    with pytest.raises(ValueError, match=message):
+        train_model("logreg", "backprop", data, progress=False, **kwargs)
