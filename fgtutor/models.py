@@ -83,9 +83,9 @@ class LocalMLP(nn.Module):
     :math:`g` of block :math:`l` has its own linear head on the normalized block output,
     ``heads[l]`` outputs :math:`10g … 10g+9`, and its own cross-entropy
 
-    .. math:: L_{l,g} = \mathrm{CE}ig(H_{l,g}\,\mathrm{norm}(ar h_{l,g}) + c_{l,g},\ yig),
+    .. math:: L_{l,g} = \mathrm{CE}\big(H_{l,g}\,\mathrm{norm}(\bar h_{l,g}) + c_{l,g},\ y\big),
 
-    where :math:`ar h_{l,g}` is :math:`h_l` with every unit outside group :math:`g`
+    where :math:`\bar h_{l,g}` is :math:`h_l` with every unit outside group :math:`g`
     detached (a stop-gradient: the value is unchanged, only group :math:`g` is trained by
     this loss). Each block's input is detached too, so no gradient flows between blocks.
     ``local_losses`` returns :math:`\sum_g L_{l,g}` for every block and the output loss;
