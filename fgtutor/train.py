@@ -296,18 +296,14 @@ def fit(
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "python": platform.python_version(), **(meta or {}),
     })
-    if method == "forward" and perturb == "activities":
-        estimate = ActivityGradient(model, loss_fn, sampler=sampler, generator=make_generator(seed + 1, device))
-
-        def train_step(x: Tensor, y: Tensor) -> Tensor:
-            loss = estimate(x, y)
-            if torch.isfinite(loss):
-                optimizer.step()
-            return loss
-    elif method == "forward":
-        estimate = ForwardGradient(model, loss_fn, num_tangents=num_tangents, sampler=sampler, clip=clip,
-                                   generator=make_generator(seed + 1, device))
-        fused = fuses(estimate, optimizer)  # decided once, not every step
+    if method == "forward":
+        generator = make_generator(seed + 1, device)
+        if perturb == "activities":
+            estimate, fused = ActivityGradient(model, loss_fn, sampler=sampler, generator=generator), False
+        else:
+            estimate = ForwardGradient(model, loss_fn, num_tangents=num_tangents, sampler=sampler, clip=clip,
+                                       generator=generator)
+            fused = fuses(estimate, optimizer)  # decided once, not every step
 
         def train_step(x: Tensor, y: Tensor) -> Tensor:
             return forward_step(estimate, optimizer, x, y, fused=fused)

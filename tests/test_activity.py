@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fgtutor.activity import ActivityGradient, supports
+from fgtutor.activity import ActivityGradient, reference_gradient, supports
 from fgtutor.forward import ForwardGradient
 from fgtutor.models import MLP, LocalMLP, make_model
 from fgtutor.train import fit
@@ -26,14 +26,6 @@ def batch(model: nn.Module, n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     width = 784 if isinstance(model, LocalMLP) else 12
     return torch.randn(n, width, generator=g, dtype=torch.double), torch.randint(0, 10, (n,), generator=g)
-
-
-def reference_gradient(model: nn.Module, x, y) -> list[torch.Tensor]:
-    """autograd's gradient of what the estimator estimates: the global mean cross-entropy
-    of an MLP, the sum of a LocalMLP's local losses."""
-    loss = sum(model.local_losses(x, y)) if isinstance(model, LocalMLP) else F.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
 
 
 def estimates(model: nn.Module, x, y, n: int, sampler: str = "rademacher") -> list[torch.Tensor]:
