@@ -8,10 +8,13 @@ A stored run holds everything needed to read and to reproduce it:
   that the file name, a hash of it, changes whenever any setting does;
 * ``history``: the ``History``, with per-step losses averaged over blocks of ``step_every``
   steps (the plots need no more) and the epoch rows untouched;
-* ``first_steps``: the first ``REPLAY_STEPS`` step losses exactly, which ``replay``
-  recomputes with today's code to prove the run can still be produced;
+* ``first_steps``: the first ``REPLAY_STEPS`` step losses exactly, and ``fingerprint``:
+  the first steps retraced in float64, which ``fgtutor.replay`` recomputes with today's
+  code to prove the run can still be produced (exactly on the same machine, to ~1e-13 on
+  any other);
 * ``provenance``: fgtutor version, git commit (and whether the tree was dirty), date,
-  machine, torch version, threads and wall-clock seconds.
+  machine, the CPU and kernels that decide float32 rounding (``fgtutor.replay.kernels``),
+  torch version, threads and wall-clock seconds.
 
 Where runs are read and written depends on ``FGTUTOR_STORE``:
 
@@ -224,7 +227,7 @@ def thin(values: Sequence[float], every: int) -> list[float]:
     return out
 
 
-def _git(*args: str) -> Optional[str]:
+def git(*args: str) -> Optional[str]:
     try:
         out = subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -234,31 +237,40 @@ def _git(*args: str) -> Optional[str]:
 
 def code_is_dirty() -> Optional[bool]:
     """True when the package's own files differ from the commit (None outside git)."""
-    status = _git("status", "--porcelain", "--", ".")
+    status = git("status", "--porcelain", "--", ".")
     return None if status is None else bool(status)
 
 
 def provenance(wall_seconds: float, device: str) -> dict:
     """Who made a run, with what, where and when."""
+    from .replay import kernels  # replay sits on the store
+
     return {
-        "fgtutor": __version__, "commit": _git("rev-parse", "HEAD"), "dirty": code_is_dirty(),
+        "fgtutor": __version__, "commit": git("rev-parse", "HEAD"), "dirty": code_is_dirty(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.node(), "platform": platform.platform(), "cpu": platform.machine(),
         "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": device,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "python": platform.python_version(), "kernels": kernels(),
         "wall_seconds": round(wall_seconds, 2),
     }
 
 
-def save(config: dict, history: History, prov: dict, root: Union[str, Path, None] = None) -> Path:
-    """Write a run atomically (a temporary file beside it, then a rename) and return its path."""
-    path = run_path(config, root)
+def save(config: dict, history: History, prov: dict, root: Union[str, Path, None] = None,
+         fingerprint: Optional[dict] = None) -> Path:
+    """Write a run (with its ``fgtutor.replay`` fingerprint, when given) atomically and
+    return its path."""
     every = max(1, math.ceil(len(history.step_loss) / MAX_CURVE_POINTS))
     stored = {**history.__dict__, "step_loss": thin(history.step_loss, every), "step_every": every}
     record = {"format": FORMAT, "key": run_key(config), "config": config, "provenance": prov,
-              "first_steps": history.step_loss[:REPLAY_STEPS], "history": stored}
-    data = gzip.compress(json.dumps(record, separators=(",", ":")).encode(), mtime=0)
-    return atomic_write(path, data)
+              "first_steps": history.step_loss[:REPLAY_STEPS], "history": stored,
+              **({"fingerprint": fingerprint} if fingerprint is not None else {})}
+    return write_record(run_path(config, root), record)
+
+
+def write_record(path: Path, record: dict) -> Path:
+    """Write a stored record as gzipped JSON, atomically (a temporary file beside it, then
+    a rename), byte for byte the same for the same record."""
+    return atomic_write(path, gzip.compress(json.dumps(record, separators=(",", ":")).encode(), mtime=0))
 
 
 def read(path: Union[str, Path]) -> dict:
@@ -268,6 +280,9 @@ def read(path: Union[str, Path]) -> dict:
         record = json.loads(gzip.decompress(path.read_bytes()))
         History(**record["history"])
         record["config"], record["first_steps"], record["provenance"]
+        if "fingerprint" in record:
+            fp = record["fingerprint"]
+            fp["steps"], fp["loss"], fp["displacement"], fp["projections"]
     except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise CorruptRunError(f"{path} is not a readable stored run ({type(exc).__name__}: {exc}). "
                               "Delete it and run `make results` to train it again.") from exc
@@ -308,7 +323,8 @@ def config_data(config: dict) -> tuple[tuple, dict]:
     return train, {name: sets[name] for name in config["eval_sets"]}
 
 
-def _fit_kwargs(config: dict) -> dict:
+def fit_kwargs(config: dict) -> dict:
+    """The keyword arguments of ``train_model`` that a configuration sets."""
     kwargs = dict(lr=config["lr"], decay=config["decay"], momentum=config["momentum"], epochs=config["epochs"],
                   batch_size=config["batch_size"], seed=config["seed"], schedule_every=config["schedule_every"])
     if config["method"] == "forward":
@@ -317,7 +333,8 @@ def _fit_kwargs(config: dict) -> dict:
     return kwargs
 
 
-def _constructor(config: dict):
+def model_constructor(config: dict):
+    """A zero-argument constructor of the configuration's model (``train_model`` seeds, then builds)."""
     return functools.partial(MODELS[config["model"]], **config["model_kwargs"])
 
 
@@ -335,14 +352,14 @@ def train_config(config: dict, device: str = "auto", progress: bool = True,
     train, sets = config_data(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # divergence is a result: it is in the History
-        _, history = train_model(_constructor(config), config["method"], train, sets, device=device,
+        _, history = train_model(model_constructor(config), config["method"], train, sets, device=device,
                                  progress=progress, meta={"model_name": config["model"]}, checkpoint=checkpoint,
-                                 **_fit_kwargs(config))
+                                 **fit_kwargs(config))
     return history, provenance(time.perf_counter() - start, history.meta["device"])
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def locked(path: Path):
     """Hold an exclusive lock for ``path`` (a sidecar file in ``.locks``), so that two
     processes never train and write the same run at once."""
     lock_dir = path.parent.parent / ".locks"
@@ -362,11 +379,13 @@ def train_and_save(config: dict, root: Union[str, Path, None] = None, retrain: b
     ``retrain`` is off). Returns the path and whether this call trained it. A run that
     was interrupted resumes from its last finished epoch."""
     path = run_path(config, root)
-    with _locked(path):
+    with locked(path):
         if path.exists() and not retrain:
             return path, False
+        from .replay import fingerprint_record  # replay sits on the store
+
         history, prov = train_config(config, device, progress, checkpoint_path(config, root))
-        return save(config, history, prov, root), True
+        return save(config, history, prov, root, fingerprint_record(config, float32_exact=True)), True
 
 
 def _worker_init(threads: int) -> None:
@@ -450,61 +469,6 @@ def _train_missing(todo: list[dict], root: Path, retrain: bool, jobs: int, devic
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
     bar.close()
-
-
-# ---------------------------------------------------------------------------
-# Replay: can today's code still produce a stored run?
-# ---------------------------------------------------------------------------
-
-def replay(path: Union[str, Path], steps: int = 50) -> tuple[list[float], list[float]]:
-    """Retrain the first ``steps`` steps of the run stored at ``path`` with its seeds and
-    return ``(stored, replayed)`` step losses, for comparison.
-
-    The replay uses the run's own number of CPU threads: another thread count sums in
-    another order, and at a large learning rate those last-bit differences grow within a
-    few steps."""
-    record = read(path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(record["provenance"].get("threads") or threads)
-    try:
-        return _replay(record, steps)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _replay(record: dict, steps: int) -> tuple[list[float], list[float]]:
-    config, stored = record["config"], record["first_steps"][:steps]
-    train, _ = config_data(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _, history = train_model(_constructor(config), config["method"], train, {}, progress=False, device="cpu",
-                                 max_steps=len(stored), **_fit_kwargs(config))
-    return stored, history.step_loss
-
-
-class StaleRunError(AssertionError):
-    """Today's code no longer produces a stored run."""
-
-
-def check_replay(path: Union[str, Path], steps: int = 50, rtol: float = 1e-4) -> float:
-    """Replay the first ``steps`` steps of a stored run and raise ``StaleRunError`` naming
-    the file when a step loss differs from the stored one by more than ``rtol`` (relative;
-    on the same CPU the replay is exact, and another CPU's float noise stays below it).
-    Returns the largest relative difference seen."""
-    stored, replayed = replay(path, steps)
-    worst = 0.0
-    for i, (a, b) in enumerate(zip(stored, replayed)):
-        if not math.isfinite(a) and not math.isfinite(b):  # both diverged here
-            continue
-        diff = abs(a - b) / max(abs(a), 1e-12)
-        worst = max(worst, diff)
-        if not diff <= rtol:
-            raise StaleRunError(
-                f"{path}: step {i + 1} of the replay has loss {b:.6g}, the stored run {a:.6g}. Today's code no "
-                "longer produces this run: run `make results RETRAIN=1` (or delete the file and `make results`).")
-    if len(replayed) < len(stored):
-        raise StaleRunError(f"{path}: the replay stopped after {len(replayed)} of {len(stored)} steps.")
-    return worst
 
 
 def stored_note(histories: Sequence[History]) -> str:

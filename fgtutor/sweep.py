@@ -366,7 +366,7 @@ def objective(base: dict, grid: Sequence[float], *, root: Union[str, Path, None]
         if write is None:
             raise MissingRunsError(f"the run {describe(config)} is not stored in {reads[0]}, and this build does not "
                                    "train (FGTUTOR_STORE=readonly): run `make results`, or the search with training.")
-        with store._locked(run_path(config, write)):  # one worker trains a configuration, the others wait
+        with store.locked(run_path(config, write)):  # one worker trains a configuration, the others wait
             history = load(config, write)
             if history is not None:
                 return _replay(trial, config, history)
@@ -412,9 +412,9 @@ def _train(trial: optuna.Trial, config: dict, root: Path, device: str, progress:
     train, sets = config_data(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # divergence is a result: it is in the History
-        _, history = train_model(store._constructor(config), config["method"], train, sets, device=device,
+        _, history = train_model(store.model_constructor(config), config["method"], train, sets, device=device,
                                  progress=progress, meta={"model_name": config["model"]}, checkpoint=checkpoint,
-                                 on_epoch=_reporter(trial, config), **store._fit_kwargs(config))
+                                 on_epoch=_reporter(trial, config), **store.fit_kwargs(config))
     stop = history.meta.get("stopped_after_epoch")
     if stop is None:
         save(config, history, provenance(time.perf_counter() - start, history.meta["device"]), root)

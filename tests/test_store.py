@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fgtutor import store
-from fgtutor.store import (CorruptRunError, MissingRunsError, StaleRunError, check_replay, load, read,
+from fgtutor.replay import check_replay
+from fgtutor.store import (CorruptRunError, MissingRunsError, load, read,
                            run_config, run_key, run_path, save, stored_note, thin, train_and_save, train_runs)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_a_run_with_adam_and_activity_perturbation_trains_stores_and_replays(roo
                   n_train=128)
     history, = train_runs([config], root=root, progress=False)
     assert history.meta["optimizer"] == "Adam" and history.meta["perturb"] == "activities"
-    assert check_replay(run_path(run_config(**config), root), steps=3) <= 1e-6
+    assert check_replay(run_path(run_config(**config), root), steps=3)["exact"]
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -271,37 +272,6 @@ def test_a_corrupt_stored_file_is_named_and_never_used(root, damage):
         train_runs([TINY], root=root, progress=False)
     with pytest.raises(CorruptRunError, match="make results"):
         load(run_config(**TINY), root)
-
-
-# -- replay ------------------------------------------------------------------------------
-
-def test_a_fresh_run_replays_exactly_and_an_altered_one_is_caught(root):
-    config = dict(TINY, method="forward", lr=0.01)
-    train_runs([config], root=root, progress=False)
-    path = run_path(run_config(**config), root)
-    assert check_replay(path, steps=4) <= 1e-6
-    record = json.loads(gzip.decompress(path.read_bytes()))
-    record["first_steps"][2] *= 1.01
-    path.write_bytes(gzip.compress(json.dumps(record).encode()))
-    with pytest.raises(StaleRunError, match=r"step 3 .*make results"):
-        check_replay(path, steps=4)
-
-
-def committed_samples() -> list:
-    """One committed run per (model, method): the one with the largest learning rate that
-    did not diverge, where float differences would grow fastest."""
-    picked = {}
-    for path in store.stored_paths(ROOT / "results"):
-        record = read(path)
-        key = (path.parent.name, path.name.split("-")[0])
-        if not record["history"]["diverged"] and record["config"]["lr"] > picked.get(key, (0, None))[0]:
-            picked[key] = (record["config"]["lr"], path)
-    return sorted(path for _, path in picked.values())
-
-
-@pytest.mark.parametrize("path", committed_samples(), ids=lambda p: f"{p.parent.name}-{p.name.split('-')[0]}")
-def test_committed_runs_can_still_be_produced_by_todays_code(path):
-    check_replay(path, steps=50)
 
 
 def test_every_committed_file_is_a_readable_run():
