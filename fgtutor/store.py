@@ -60,11 +60,11 @@ with warnings.catch_warnings():
     from tqdm.auto import tqdm
 
 from . import __version__
-from .data import load_mnist, train_val_split
+from .data import INPUTS, load_mnist, prepare_inputs, train_val_split
 from .forward import SAMPLERS
 from .models import MODELS
 from .train import METHODS, OPTIMIZERS, PERTURB, History, train_model
-from .utils import atomic_write, check_choice, check_positive
+from .utils import atomic_write, check_choice, check_positive, check_type
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPLAY_STEPS = 100     # step losses kept exactly, for the replay check
@@ -82,7 +82,9 @@ DEFAULTS = {
 }
 #: settings added after the first stored runs. A configuration holds them only when they
 #: differ from these defaults, so that the runs stored before them keep their keys.
-LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights"}
+LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights", "inputs": "raw"}
+#: settings of the data, not of training: ``config_data`` applies them, ``fit_kwargs`` leaves them out
+DATA_SETTINGS = ("inputs",)
 EVAL_SETS = ("val", "test")
 FORWARD_ONLY = ("sampler", "num_tangents", "clip")
 
@@ -115,6 +117,7 @@ def run_config(**settings) -> dict:
     check_choice("schedule_every", c["schedule_every"], ("step", "epoch"))
     check_choice("optimizer", c["optimizer"], OPTIMIZERS)
     check_choice("perturb", c["perturb"], PERTURB)
+    check_choice("inputs", c["inputs"], INPUTS)
     if c["optimizer"] == "adam" and c["momentum"]:
         raise ValueError(f"momentum={c['momentum']} is an SGD setting: use momentum=0 with optimizer='adam'.")
     for name in ("lr",):
@@ -155,6 +158,7 @@ def run_config(**settings) -> dict:
 
 def run_key(config: dict) -> str:
     """16 hex digits of the SHA-256 of the canonical JSON of ``config``."""
+    check_type("config", config, dict, "a run configuration: a dict from run_config(...)")
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -197,12 +201,15 @@ def store_roots(root: Union[str, Path, None] = None) -> tuple[list[Path], Option
 
 def run_path(config: dict, root: Union[str, Path, None] = None) -> Path:
     """Where the run of ``config`` is stored: ``<root>/<model>/<method>-<key>.json.gz``."""
+    check_type("config", config, dict, "a run configuration: a dict from run_config(...)")
     root = Path(root) if root is not None else default_root()
     return root / config["model"] / f"{config['method']}-{run_key(config)}.json.gz"
 
 
 def describe(config: dict) -> str:
     """A short human label, e.g. ``mlp forward lr=2e-04 decay=1e-04 50 epochs seed 0``."""
+    check_type("config", config, dict, "a run configuration: a dict from run_config(...)")
+    config = run_config(**config)
     extra = "".join(f" {k}={config[k]}" for k in ("momentum", "clip") if config[k])
     extra += "".join(f" {config[k]}" for k in LATER_DEFAULTS if k in config)
     if config["method"] == "forward" and (config["sampler"] != "rademacher" or config["num_tangents"] != 1):
@@ -220,6 +227,8 @@ def describe(config: dict) -> str:
 def thin(values: Sequence[float], every: int) -> list[float]:
     """Means of consecutive blocks of ``every`` values (the last block may be shorter),
     rounded to 5 significant digits: curves at the resolution plots need."""
+    check_positive("every", every, integer=True)
+    check_type("values", values, (list, tuple), "a list of numbers")
     out = []
     for i in range(0, len(values), every):
         block = values[i:i + every]
@@ -275,6 +284,7 @@ def write_record(path: Path, record: dict) -> Path:
 
 def read(path: Union[str, Path]) -> dict:
     """The stored record at ``path``; ``CorruptRunError`` naming the file if it is not one."""
+    check_type("path", path, (str, Path), "the path of a stored run, e.g. results/mlp/forward-….json.gz")
     path = Path(path)
     try:
         record = json.loads(gzip.decompress(path.read_bytes()))
@@ -315,12 +325,15 @@ def _mnist(train: bool):
 
 
 def config_data(config: dict) -> tuple[tuple, dict]:
-    """The training set and evaluation sets a configuration names, from MNIST in memory."""
+    """The training set and evaluation sets a configuration names, from MNIST in memory,
+    every one prepared the same way (``inputs``: raw or standardized pixels)."""
     X, Y = _mnist(True)
     (X_train, Y_train), val = train_val_split(X, Y, n_val=config["n_val"], seed=config["split_seed"])
     train = (X_train[:config["n_train"]], Y_train[:config["n_train"]])
     sets = {"val": val, "test": _mnist(False) if "test" in config["eval_sets"] else None}
-    return train, {name: sets[name] for name in config["eval_sets"]}
+    inputs = config.get("inputs", LATER_DEFAULTS["inputs"])
+    prepared = {name: (prepare_inputs(sets[name][0], inputs), sets[name][1]) for name in config["eval_sets"]}
+    return (prepare_inputs(train[0], inputs), train[1]), prepared
 
 
 def fit_kwargs(config: dict) -> dict:
@@ -329,7 +342,7 @@ def fit_kwargs(config: dict) -> dict:
                   batch_size=config["batch_size"], seed=config["seed"], schedule_every=config["schedule_every"])
     if config["method"] == "forward":
         kwargs.update({k: config[k] for k in FORWARD_ONLY})
-    kwargs.update({k: config[k] for k in LATER_DEFAULTS if k in config})
+    kwargs.update({k: config[k] for k in LATER_DEFAULTS if k in config and k not in DATA_SETTINGS})
     return kwargs
 
 
@@ -411,6 +424,9 @@ def train_runs(configs: Sequence[dict], *, retrain: bool = False, jobs: Optional
     unfinished one continues from its last finished epoch. Under
     ``FGTUTOR_STORE=readonly`` a missing run raises ``MissingRunsError`` instead.
     """
+    check_type("configs", configs, (list, tuple), "a list of run configurations (dicts)")
+    for c in configs:
+        check_type("configs entry", c, dict, "a dict of run settings, e.g. {'model': 'mlp', 'lr': 1e-3}")
     configs = [run_config(**c) for c in configs]
     if not configs:
         raise ValueError("configs is empty: pass at least one run configuration.")
@@ -474,6 +490,9 @@ def _train_missing(todo: list[dict], root: Path, retrain: bool, jobs: int, devic
 def stored_note(histories: Sequence[History]) -> str:
     """One sentence of provenance for figures and tables built from stored runs: how many
     runs and seeds, when, at which commit, on what machine."""
+    check_type("histories", histories, (list, tuple), "a non-empty list of stored runs' Histories")
+    if not histories or not all(isinstance(h, History) for h in histories):
+        raise ValueError("histories must be a non-empty list of Histories (from train_runs or load).")
     provs = [h.meta.get("provenance") or {} for h in histories]
     dates = sorted(p.get("date", "?")[:10] for p in provs)
     commits = sorted({(p.get("commit") or "unknown")[:7] + ("+dirty" if p.get("dirty") else "") for p in provs})

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fgtutor import data, mnist
+from fgtutor.data import prepare_inputs, standardize
 
 
 def test_reexports_the_loader():
@@ -58,3 +59,15 @@ def test_batches_bad_batch_size(bad):
 def test_batches_mismatched_lengths():
     with pytest.raises(ValueError, match="same first dimension"):
         data.batches(torch.zeros(5, 1), torch.zeros(4), 2)
+
+
+def test_standardize_uses_mnist_statistics_and_leaves_its_input_alone():
+    X = torch.tensor([[0.1307, 0.4388, 0.0]])
+    out = standardize(X)
+    assert torch.allclose(out, torch.tensor([[0.0, 1.0, -0.1307 / 0.3081]]))
+    assert X[0, 1] == 0.4388 and prepare_inputs(X, "raw") is X
+    assert torch.equal(prepare_inputs(X, "standardized"), out)
+    with pytest.raises(ValueError, match="inputs='z'"):
+        prepare_inputs(X, "z")
+    with pytest.raises(ValueError, match="floating-point"):
+        standardize(torch.zeros(2, dtype=torch.uint8))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fgtutor import store
 from fgtutor.replay import check_replay
@@ -67,6 +68,22 @@ def test_later_settings_appear_only_when_they_differ_from_their_defaults():
     assert activities["perturb"] == "activities"
     assert "perturb" not in run_config(**TINY, perturb="activities")  # backprop perturbs nothing
     assert "adam" in store.describe(adam) and "activities" in store.describe(activities)
+
+
+def test_standardized_inputs_are_a_setting_that_every_set_and_method_shares():
+    assert "inputs" not in run_config(**TINY) and run_config(**TINY, inputs="raw") == run_config(**TINY)
+    config = run_config(**dict(TINY, eval_sets=["val", "test"]), inputs="standardized")
+    assert config["inputs"] == "standardized" and run_key(config) != run_key(run_config(**TINY))
+    assert "inputs" not in store.fit_kwargs(config)  # a data setting: train_model never sees it
+    (X, _), sets = store.config_data(config)
+    (X_raw, _), raw_sets = store.config_data(run_config(**dict(TINY, eval_sets=["val", "test"])))
+    for a, b in [(X, X_raw), (sets["val"][0], raw_sets["val"][0]), (sets["test"][0], raw_sets["test"][0])]:
+        assert torch.allclose(a, (b - 0.1307) / 0.3081)
+    assert "standardized" in store.describe(config)
+    backprop = run_config(**dict(TINY, method="backprop"), inputs="standardized")
+    assert backprop["inputs"] == "standardized"
+    with pytest.raises(ValueError, match="inputs='normalised' is not allowed: use one of 'raw', 'standardized'"):
+        run_config(**TINY, inputs="normalised")
 
 
 def test_a_run_with_adam_and_activity_perturbation_trains_stores_and_replays(root):
