@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .losses import cross_entropy
 from .models import LocalMLP, normalize
 from .tangents import rademacher_
-from .utils import check_choice, check_generator
+from .utils import check_batch, check_callable, check_choice, check_generator, check_positive, check_type
 
 SAMPLERS = ("gaussian", "rademacher")
 _LAYERS = (nn.Flatten, nn.Linear, nn.ReLU)
@@ -61,6 +61,8 @@ def reference_gradient(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
     """autograd's gradient of what the estimators estimate, one tensor per parameter: the
     mean cross-entropy of ``model(x)``, or for a ``LocalMLP`` the sum of its local losses
     (zeros for a parameter the loss does not reach). For checking, not for training."""
+    check_type("model", model, nn.Module, "a torch.nn.Module, e.g. fgtutor.models.MLP()")
+    check_batch(x, y)
     with torch.enable_grad():
         loss = sum(model.local_losses(x, y)) if isinstance(model, LocalMLP) else F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
@@ -73,6 +75,11 @@ def cosines(estimate: Callable[[Tensor, Tensor], Tensor], model: nn.Module, x: T
     e.g. ``ActivityGradient`` or ``ForwardGradient``) and ``reference_gradient``, over all
     parameters whose name starts with ``only`` (default: all) at once. For weight perturbation with :math:`K` Rademacher tangents over
     :math:`N` weights it is about :math:`1/\sqrt{1 + (N-1)/K}` (``weight_cosine``)."""
+    check_callable("estimate", estimate, "an estimator that fills p.grad when called with (x, y), "
+                                         "e.g. ForwardGradient(model) or ActivityGradient(model)")
+    check_type("model", model, nn.Module, "the torch.nn.Module the estimator fills p.grad of")
+    check_positive("draws", draws, integer=True)
+    check_type("only", only, str, 'a prefix of parameter names, or "" for all of them')
     names = [n for n, _ in model.named_parameters()]
     if not any(n.startswith(only) for n in names):
         raise ValueError(f"only={only!r} matches no parameter of {type(model).__name__}; names start with "
@@ -91,6 +98,8 @@ def weight_cosine(num_weights: int, num_tangents: int = 1) -> float:
     r"""The cosine weight perturbation's estimate has with the gradient, in expectation to
     first order: :math:`\lVert g\rVert / \sqrt{\mathbb E\lVert\hat g\rVert^2}
     = 1/\sqrt{1 + (N-1)/K}` for :math:`K` Rademacher tangents over :math:`N` weights."""
+    check_positive("num_weights", num_weights, integer=True)
+    check_positive("num_tangents", num_tangents, integer=True)
     return (1 + (num_weights - 1) / num_tangents) ** -0.5
 
 
@@ -162,11 +171,12 @@ class ActivityGradient:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        check_batch(x, y)
         try:
             if isinstance(self.model, LocalMLP):
                 return self._local(x, y)
             return self._global(x, y)
-        except RuntimeError as exc:  # e.g. inputs of the wrong shape: say where, in one line
+        except (RuntimeError, IndexError) as exc:  # e.g. inputs of the wrong shape, a label out of range
             raise ValueError(f"{type(self.model).__name__} cannot take x of shape {tuple(x.shape)} with y of "
                              f"shape {tuple(y.shape)}: {str(exc).splitlines()[0]}") from exc
 

@@ -12,8 +12,44 @@ import numpy as np
 import pandas as pd
 
 from .train import History
+from .utils import check_number, check_pair, check_positive, check_type, short_repr
 
 Groups = Mapping[str, Sequence[History]]
+
+
+# What each function reads is checked first, so that a wrong argument is a ValueError that
+# names it rather than a KeyError or AttributeError from inside pandas.
+
+def _check_run(name: str, run) -> None:
+    """A History with at least one evaluation row."""
+    check_type(name, run, History, "a History (one run), e.g. from fgtutor.train.fit")
+    if not run.epochs:
+        raise ValueError(f"{name} has no evaluation rows: a History from fit has at least epoch 0.")
+
+
+def _check_group(name: str, group) -> None:
+    """A non-empty list of Histories, one per seed."""
+    if not isinstance(group, (list, tuple)) or not group:
+        raise ValueError(f"{name}={short_repr(group)} is not allowed: use a non-empty list of Histories, "
+                         "one per seed, e.g. [history].")
+    for i, run in enumerate(group):
+        _check_run(f"{name}[{i}]", run)
+
+
+def _check_groups(name: str, groups) -> None:
+    """A mapping of label -> group."""
+    if not isinstance(groups, Mapping):
+        raise ValueError(f"{name}={short_repr(groups)} is not allowed: use a dict of label -> list of Histories, "
+                         'e.g. {"forward": [run0, run1], "backprop": [run2, run3]}.')
+    for label, group in groups.items():
+        _check_group(f"{name}[{label!r}]", group)
+
+
+def _check_recorded(name: str, run: History, columns: Sequence[str]) -> None:
+    """Every one of ``columns`` is in the run's last evaluation row."""
+    for column in columns:
+        if not isinstance(column, str) or column not in run.epochs[-1]:
+            raise ValueError(f"column={column!r} is not recorded in {name}; have: {', '.join(run.epochs[-1])}.")
 
 
 def epoch_table(group: Sequence[History], column: str) -> pd.DataFrame:
@@ -23,6 +59,8 @@ def epoch_table(group: Sequence[History], column: str) -> pd.DataFrame:
     """
     if not group:
         raise ValueError("group is empty: pass at least one History.")
+    _check_group("group", group)
+    check_type("column", column, str, 'the name of a recorded column, e.g. "test_loss"')
     table = {}
     for run in group:
         df = pd.DataFrame(run.epochs)
@@ -38,6 +76,12 @@ def final_scores(groups: Groups, columns: Sequence[str] = ("test_loss", "test_ac
     group; ``runs`` counts the seeds and ``diverged`` how many of them diverged. A run that
     diverged has no final loss or accuracy (NaN, left out of the mean): its last evaluation
     is of a model that was still training."""
+    _check_groups("groups", groups)
+    if isinstance(columns, str) or not isinstance(columns, (list, tuple)):
+        raise ValueError(f"columns={columns!r} is not allowed: use a list of column names, e.g. ['test_loss'].")
+    for label, group in groups.items():
+        for i, run in enumerate(group):
+            _check_recorded(f"groups[{label!r}][{i}]", run, columns)
     rows = {}
     for label, group in groups.items():
         finals = pd.DataFrame([{c: np.nan if run.diverged and not c.endswith("seconds") else run.epochs[-1][c]
@@ -53,12 +97,18 @@ def final_scores(groups: Groups, columns: Sequence[str] = ("test_loss", "test_ac
 def ms_per_step(group: Sequence[History]) -> float:
     """Training milliseconds per step, the median over the runs of a group: robust to one
     run slowed down by other work on the machine."""
+    _check_group("group", group)
+    for i, run in enumerate(group):
+        _check_recorded(f"group[{i}]", run, ("train_seconds", "step"))
     return float(np.median([1000 * run.epochs[-1]["train_seconds"] / max(1, run.epochs[-1]["step"]) for run in group]))
 
 
 def time_to_loss(run: History, target: float, column: str = "test_loss", by: str = "train_seconds") -> float:
     """Training seconds (or, with ``by="step"``, steps) until ``column`` first reaches
     ``target`` (linear interpolation between evaluations); NaN if it never does."""
+    _check_run("run", run)
+    target = check_number("target", target)
+    _check_recorded("run", run, (column, by))
     df = pd.DataFrame(run.epochs)
     seconds, values = df[by].to_numpy(dtype=float), df[column].to_numpy()
     hit = np.flatnonzero(values <= target)
@@ -74,6 +124,11 @@ def time_to_loss(run: History, target: float, column: str = "test_loss", by: str
 def common_target(groups: Groups, column: str = "test_loss") -> float:
     """The highest final ``column`` among the runs that did not diverge: a loss that every
     one of them reaches, so that the time-to-loss ratio is defined for every seed."""
+    _check_groups("groups", groups)
+    for label, group in groups.items():
+        for i, run in enumerate(group):
+            if not run.diverged:
+                _check_recorded(f"groups[{label!r}][{i}]", run, (column,))
     finals = [run.epochs[-1][column] for group in groups.values() for run in group if not run.diverged]
     if not finals:
         raise ValueError("every run diverged: there is no loss they all reach.")
@@ -90,6 +145,12 @@ def time_to_loss_ratio(numerator: Sequence[History], denominator: Sequence[Histo
     With ``step_ms = (numerator's, denominator's)`` milliseconds per step, the time is
     steps to ``target`` × the cost of a step instead of the runs' recorded seconds: the
     progress comes from the runs, the cost from a clean measurement on one machine."""
+    _check_group("numerator", numerator)
+    _check_group("denominator", denominator)
+    if step_ms is not None:
+        for i, ms in enumerate(check_pair("step_ms", step_ms, "None or two milliseconds per step "
+                                                               "(numerator's, denominator's), e.g. (3.2, 1.1)")):
+            check_positive(f"step_ms[{i}]", ms)
     by = "train_seconds" if step_ms is None else "step"
     scale = (1.0, 1.0) if step_ms is None else step_ms
     times = np.array([(scale[0] * time_to_loss(a, target, column, by), scale[1] * time_to_loss(b, target, column, by))
@@ -103,6 +164,8 @@ def time_to_loss_ratio(numerator: Sequence[History], denominator: Sequence[Histo
 
 def mean_sd(mean: float, sd: float, digits: int = 3) -> str:
     """``"0.912 ± 0.004"``; just the mean when ``sd`` is NaN (one seed)."""
+    mean, sd = check_number("mean", mean), check_number("sd", sd)
+    check_positive("digits", digits, allow_zero=True, integer=True)
     return f"{mean:.{digits}f}" if not np.isfinite(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
@@ -110,6 +173,7 @@ def search_table(configs: Sequence[dict], histories: Sequence[History], metric: 
     """One row per search run: ``method``, ``lr``, ``decay``, the final ``<metric>_loss``
     and ``<metric>_accuracy`` (NaN when the run diverged), ``diverged`` and the training
     seconds. ``configs`` are the runs' configurations (``fgtutor.store.run_config``)."""
+    _check_search(configs, histories, metric)
     rows = []
     for config, run in zip(configs, histories):
         last = run.epochs[-1]
@@ -118,3 +182,19 @@ def search_table(configs: Sequence[dict], histories: Sequence[History], metric: 
                      f"{metric}_accuracy": np.nan if run.diverged else last[f"{metric}_accuracy"],
                      "diverged": run.diverged, "train_seconds": last["train_seconds"]})
     return pd.DataFrame(rows)
+
+
+def _check_search(configs: Sequence[dict], histories: Sequence[History], metric: str) -> None:
+    """One configuration (with method, lr and decay) per run, and ``metric`` scored in every run."""
+    for name, value in (("configs", configs), ("histories", histories)):
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ValueError(f"{name}={short_repr(value)} is not allowed: use a list, one entry per search run.")
+    if len(configs) != len(histories):
+        raise ValueError(f"configs has {len(configs)} entries and histories {len(histories)}: "
+                         "give one configuration per run, in the same order.")
+    for i, (config, run) in enumerate(zip(configs, histories)):
+        if not isinstance(config, Mapping) or not {"method", "lr", "decay"} <= set(config):
+            raise ValueError(f"configs[{i}]={short_repr(config)} is not allowed: use a run's configuration with "
+                             "method, lr and decay (fgtutor.store.run_config).")
+        _check_run(f"histories[{i}]", run)
+        _check_recorded(f"histories[{i}]", run, (f"{metric}_loss", f"{metric}_accuracy", "train_seconds"))

@@ -3,7 +3,8 @@
 ``python -m fgtutor.book CHAPTER.ipynb [OUT.ipynb] -p epochs 50 -p lr 1e-3`` executes a
 chapter with papermill, like ``papermill`` itself, but first rejects parameter names the
 chapter does not declare (papermill only warns, and the run silently uses the default),
-and writes the output notebook only when the run finished.
+and writes the output notebook only when the run finished. The token after ``-p NAME``
+is always its value, also when it starts with a minus (``-p beale_lr -1e-3``).
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
-from .utils import DEVICES, check_choice, check_positive, check_seeds, check_writable, pick_device
+from .utils import (DEVICES, check_choice, check_frame, check_positive, check_seeds, check_type, check_writable,
+                    pick_device)
 
 
 def glue(name: str, value: Any, display: bool = False) -> Any:
@@ -25,6 +27,7 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
     NumPy and 0-d torch scalars are glued as Python numbers, so that ``{glue:text}`x:.3f```
     can format them.
     """
+    check_type("name", name, str, 'the name the prose refers to, e.g. "test_accuracy"')
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         value = value.item()
     try:
@@ -117,6 +120,9 @@ def check_parameters(namespace: dict) -> Any:
     Every parameter of the book is checked by its name (``_rules``), so chapters that
     share a parameter share its check; a test makes sure every chapter parameter has one.
     """
+    if not isinstance(namespace, Mapping):
+        raise ValueError(f"namespace={type(namespace).__name__} is not allowed: use a dict of parameter values; "
+                         "a chapter passes globals().")
     rules = _rules()
     for name, check in rules.items():
         if name in namespace:
@@ -133,6 +139,9 @@ def table(frame: Any, caption: str, digits: int = 3) -> Any:
     """A DataFrame as the book shows it: with a caption (above the table) and numbers
     rounded to ``digits`` decimals, where a bare DataFrame would print six. Returns a
     pandas ``Styler``, which a notebook displays as an HTML table."""
+    check_frame("frame", frame, [], "a pandas DataFrame")
+    check_type("caption", caption, str, "a sentence that says what the table shows")
+    check_positive("digits", digits, allow_zero=True, integer=True)
     if not caption:
         raise ValueError("caption is empty: say what the table shows, in a sentence.")
     def label(value: Any) -> Any:  # row and column labels such as learning rates: 3 significant digits
@@ -146,10 +155,19 @@ def chapter_parameters(notebook: str | Path) -> dict:
     """The parameters a chapter declares in its cell tagged ``parameters``: name -> default."""
     import papermill
 
-    params = papermill.inspect_notebook(str(notebook))
+    params = papermill.inspect_notebook(str(_check_notebook(notebook)))
     if not params:
         raise ValueError(f"{notebook} has no cell tagged 'parameters'.")
     return {name: info["default"] for name, info in params.items()}
+
+
+def _check_notebook(notebook: Union[str, Path]) -> Path:
+    """The path of an existing notebook file, else ``ValueError`` naming it."""
+    check_type("notebook", notebook, (str, os.PathLike), "the path of a chapter, e.g. 'book/mlp.ipynb'")
+    if not Path(notebook).is_file():
+        problem = "is a folder, not a notebook" if Path(notebook).is_dir() else "does not exist"
+        raise ValueError(f"notebook={str(notebook)!r} {problem}: give a chapter, e.g. book/mlp.ipynb.")
+    return Path(notebook)
 
 
 def run_chapter(notebook: str | Path, output: str | Path | None = None, parameters: Optional[dict] = None,
@@ -164,9 +182,9 @@ def run_chapter(notebook: str | Path, output: str | Path | None = None, paramete
     """
     import papermill
 
-    notebook = Path(notebook)
-    if not notebook.is_file():
-        raise ValueError(f"notebook={str(notebook)!r} does not exist.")
+    notebook = _check_notebook(notebook)
+    if parameters is not None:
+        check_type("parameters", parameters, dict, 'None or a dict of parameter values, e.g. {"epochs": 1}')
     parameters = dict(parameters or {})
     declared = chapter_parameters(notebook)
     unknown = sorted(set(parameters) - set(declared))
@@ -194,6 +212,7 @@ def parse_value(text: str) -> Any:
     """Read a command-line value: int, then float (``1e-3`` too, which YAML reads as a
     string), then YAML (``true``, ``null``, ``[1, 2]``), else the text itself. Inside a
     list or dict, strings that read as numbers (``[1e-4, 1e-3]``) become numbers too."""
+    check_type("text", text, str, "the text of a command-line value, e.g. '1e-3'")
     for cast in (int, float):
         try:
             return cast(text)
@@ -210,14 +229,67 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fgtutor.book", description=__doc__.split("\n\n")[1])
     parser.add_argument("notebook", help="a chapter, e.g. book/mlp.ipynb")
     parser.add_argument("output", nargs="?", help="executed notebook (default runs/<chapter>-out.ipynb)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="set a parameter: 50, 1e-3, true, [1, 2] and mlp are read as int, float, bool, list, text")
+                        help="set a parameter: 50, -1e-3, true, [1, 2] and mlp are read as int, float, bool, list, "
+                             "text (the token after NAME is the value, even when it starts with -)")
     parser.add_argument("--list", action="store_true", help="print the chapter's parameters and exit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _parameter_flag(token: str) -> Optional[list[str]]:
+    """What a ``-p`` flag carries in the token itself: ``[]`` for ``-p``, ``--parameter``
+    or an abbreviation of it (argparse accepts ``--param``), ``[NAME]`` for ``-pNAME``,
+    ``-p=NAME`` or ``--parameter=NAME``; None when ``token`` is not a ``-p`` flag."""
+    flag, equals, attached = token.partition("=")
+    if len(flag) > 2 and "--parameter".startswith(flag):
+        return [attached] if equals else []
+    if token.startswith("-p"):
+        rest = token[2:].removeprefix("=")
+        return [rest] if rest else []
+    return None
+
+
+def _take_parameters(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[list[str]]]:
+    """Pull every ``-p NAME VALUE`` out of ``argv`` before argparse reads it: argparse takes
+    a value that starts with a minus for an option unless it looks like a negative number
+    to it, and ``-1e-3`` or ``-inf`` do not (it knows only ``-2`` and ``-.5`` forms), so it
+    would answer "expected 2 arguments". Here the two tokens after ``-p`` are NAME and
+    VALUE, whatever they look like. Returns the other tokens and the pairs."""
+    rest, pairs, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--":  # everything after it is positional: leave it to argparse
+            return rest + argv[i:], pairs
+        carried = _parameter_flag(argv[i])
+        if carried is None:
+            rest.append(argv[i])
+            i += 1
+            continue
+        needed = 2 - len(carried)  # tokens still to take after the flag
+        pair = carried + argv[i + 1:i + 1 + needed]
+        if len(pair) != 2:
+            parser.error(f"{argv[i]} needs a NAME and a VALUE, e.g. -p epochs 50 or -p lr -1e-3.")
+        pairs.append(pair)
+        i += 1 + needed
+    return rest, pairs
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line of ``python -m fgtutor.book``: ``notebook``, ``output``, ``list`` and
+    ``parameter`` (the ``[NAME, VALUE]`` pairs of ``-p``, as text). Exits with status 2 and
+    argparse's usage message when the command line is malformed."""
+    parser = _parser()
+    rest, pairs = _take_parameters(list(sys.argv[1:] if argv is None else argv), parser)
+    args = parser.parse_args(rest)
+    args.parameter = pairs
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
     try:
         if args.list:
             for name, default in chapter_parameters(args.notebook).items():

@@ -29,6 +29,7 @@ How the tangents are drawn, quickly, is ``fgtutor.tangents``'s business.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Callable, Optional, Union
 
@@ -40,7 +41,7 @@ from . import fastjvp
 from .losses import cross_entropy
 from .tangents import (SAMPLERS, Params, RankOne, check_params, check_sampler, flat_buffer, rademacher_,
                        rank_one, rank_one_sizes, sample_, sample_tangents, tree_map)
-from .utils import check_generator, check_positive
+from .utils import check_batch, check_callable, check_generator, check_positive
 
 __all__ = ["SAMPLERS", "ForwardGradient", "directional_derivative", "forward_gradient", "sample_tangents"]
 
@@ -49,12 +50,38 @@ __all__ = ["SAMPLERS", "ForwardGradient", "directional_derivative", "forward_gra
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 
+_F = "a function of params that returns a scalar tensor"
+
+
 def directional_derivative(f: Callable[[Params], Tensor], params: Params, tangents: Params) -> tuple[Tensor, Tensor]:
     r"""``(f(params), ∇f(params)·tangents)`` from one forward-mode pass (``torch.func.jvp``)."""
-    value, dd = jvp(f, (params,), (tangents,))
+    check_callable("f", f, _F)
+    check_params(params)
+    if not _same_shapes(params, tangents):
+        got = f"shape {tuple(tangents.shape)}" if isinstance(tangents, Tensor) else type(tangents).__name__
+        want = f"shape {tuple(params.shape)}" if isinstance(params, Tensor) else type(params).__name__
+        raise ValueError(f"tangents must have the structure and shapes of params (e.g. sample_tangents(params)): "
+                         f"params: {want}; tangents: {got}.")
+    try:
+        value, dd = jvp(f, (params,), (tangents,))
+    except RuntimeError as exc:
+        if not str(exc).startswith("jvp("):  # raised inside f itself: the caller's own error, as it is
+            raise
+        raise ValueError(f"f must return a scalar tensor ({str(exc).splitlines()[0]}).") from exc
     if value.dim() != 0:
         raise ValueError(f"f must return a scalar, but it returned a tensor of shape {tuple(value.shape)}.")
     return value, dd
+
+
+def _same_shapes(params: Params, tangents: Params) -> bool:
+    """Whether ``tangents`` is a tensor, dict, tuple or list like ``params``, leaf for leaf."""
+    if isinstance(params, Tensor):
+        return isinstance(tangents, Tensor) and tangents.shape == params.shape
+    if isinstance(params, dict):
+        return (isinstance(tangents, dict) and tangents.keys() == params.keys()
+                and all(_same_shapes(params[k], tangents[k]) for k in params))
+    return (isinstance(tangents, (tuple, list)) and len(tangents) == len(params)
+            and all(map(_same_shapes, params, tangents)))
 
 
 def forward_gradient(
@@ -73,8 +100,7 @@ def forward_gradient(
     _check_num_tangents(num_tangents)
     check_sampler(sampler)
     check_generator(generator)
-    if not callable(f):
-        raise ValueError(f"f={f!r} is not allowed: use a function of params that returns a scalar tensor.")
+    check_callable("f", f, _F)
     check_params(params)
     grads = None
     for _ in range(num_tangents):
@@ -129,10 +155,12 @@ class ForwardGradient:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={model!r} is not allowed: use a torch.nn.Module, e.g. fgtutor.models.MLP().")
+        check_callable("loss_fn", loss_fn, "a function of (logits, labels) that returns a scalar tensor, "
+                                           "e.g. fgtutor.losses.cross_entropy")
         _check_num_tangents(num_tangents)
         check_sampler(sampler)
         check_generator(generator)
-        if clip is not None and not clip > 0:
+        if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, bool) and clip > 0):
             raise ValueError(f"clip={clip!r} is not allowed: use a positive number, or None for no clipping.")
         self.model, self.loss_fn = model, loss_fn
         self.num_tangents, self.sampler, self.clip, self.generator = num_tangents, sampler, clip, generator
@@ -145,11 +173,7 @@ class ForwardGradient:
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            try:
-                loss, dd = self.directional_derivative(self.sample(), x, y)
-            except RuntimeError as exc:  # e.g. inputs of the wrong shape: say where, in one line
-                raise ValueError(f"{type(self.model).__name__} cannot take x of shape {tuple(x.shape)} with y of "
-                                 f"shape {tuple(y.shape)}: {str(exc).splitlines()[0]}") from exc
+            loss, dd = self.loss_and_derivative(x, y)
             if self.sampler == "rank1":  # the factors become the dense tangent in p.grad
                 densify_(self._last, self._views)
             self.scale_(dd)
@@ -165,6 +189,17 @@ class ForwardGradient:
                     _, dd = self.directional_derivative(extra, x, y)
                 self._flat.add_(self.scale_(dd, flat))
         return loss.detach()
+
+    def loss_and_derivative(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Draw a fresh tangent (``sample``) and return the loss on ``(x, y)`` and its
+        derivative along it: the first pass of every step, fused or not. A batch the model
+        cannot take is a ``ValueError`` that says so in one line."""
+        check_batch(x, y)
+        try:
+            return self.directional_derivative(self.sample(), x, y)
+        except (RuntimeError, IndexError) as exc:  # e.g. inputs of the wrong shape, a label out of range
+            raise ValueError(f"{type(self.model).__name__} cannot take x of shape {tuple(x.shape)} with y of "
+                             f"shape {tuple(y.shape)}: {str(exc).splitlines()[0]}") from exc
 
     # The parts of a step, separately callable so that fgtutor.bench can time them.
 

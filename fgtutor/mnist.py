@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .utils import staging_dir
+from .utils import check_type, staging_dir
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -267,6 +267,9 @@ def _check_sources(sources: Union[str, Sequence[str]]) -> tuple[str, ...]:
     """Validate the ``sources`` argument of ``load_mnist``; a single name is allowed."""
     if isinstance(sources, str):
         sources = (sources,)
+    if not hasattr(sources, "__iter__"):
+        raise ValueError(f"sources={sources!r} is not allowed: use a non-empty sequence of "
+                         f"{', '.join(map(repr, SOURCES))}, e.g. {SOURCES!r}.")
     sources = tuple(sources)
     if not sources or any(s not in SOURCES for s in sources):
         raise ValueError(f"sources={sources!r} is not allowed: use a non-empty sequence of "
@@ -353,6 +356,8 @@ def load_mnist(
     Raises ``MNISTUnavailableError`` (a ``RuntimeError``) if every source fails.
     """
     sources = _check_sources(sources)
+    check_type("root", root, (str, os.PathLike, type(None)), "None (the default root) or a folder path")
+    check_type("train", train, bool, "True (the training split) or False (the test split)")
     root = Path(root).expanduser() if root is not None else default_root()
     image_name, label_name = split_files(train)
     _ensure_files(root, (image_name, label_name), sources)

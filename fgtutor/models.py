@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .utils import check_choice
+from .utils import check_choice, check_positive, check_type
 
 
 class LogisticRegression(nn.Sequential):
@@ -24,8 +24,7 @@ class MLP(nn.Sequential):
     """The original ``Net``: 784 → 1024 → ReLU → 1024 → ReLU → 10 (1,863,690 parameters)."""
 
     def __init__(self, hidden: int = 1024) -> None:
-        if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden={hidden!r} is not allowed: use a positive integer.")
+        check_positive("hidden", hidden, integer=True)  # True is an int too, but no width
         super().__init__(
             nn.Flatten(),
             nn.Linear(784, hidden), nn.ReLU(),
@@ -95,9 +94,8 @@ class LocalMLP(nn.Module):
 
     def __init__(self, hidden: int = 1024, groups: int = 64, classes: int = 10) -> None:
         super().__init__()
-        for name, value in (("hidden", hidden), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not allowed: use a positive integer.")
+        for name, value in (("hidden", hidden), ("groups", groups), ("classes", classes)):
+            check_positive(name, value, integer=True)
         if hidden % groups:
             raise ValueError(f"groups={groups} does not divide hidden={hidden}: use a divisor, e.g. 64 for 1024.")
         self.groups, self.classes = groups, classes
@@ -143,4 +141,5 @@ def make_model(name: str, **kwargs) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars in ``model``."""
+    check_type("model", model, nn.Module, "a torch.nn.Module")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -20,13 +20,16 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .forward import ForwardGradient
 from .losses import cross_entropy
-from .utils import check_positive, check_type
+from .utils import check_callable, check_positive, check_type
+
+MODEL = "a torch.nn.Module, e.g. fgtutor.models.MLP()"
+OPTIMIZER = "a torch.optim optimizer"
 
 
 def exp_decay(optimizer: torch.optim.Optimizer, k: float) -> LambdaLR:
     r"""The paper's per-iteration schedule :math:`\eta_i = \eta_0 e^{-k i}`; call ``.step()``
     after every optimizer step. ``k = 0`` keeps the rate constant."""
-    check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim optimizer")
+    check_type("optimizer", optimizer, torch.optim.Optimizer, OPTIMIZER)
     check_positive("k", k, allow_zero=True)
     return LambdaLR(optimizer, lambda i: math.exp(-k * i))
 
@@ -35,6 +38,7 @@ def is_plain_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
     """True when ``optimizer`` is ``torch.optim.SGD`` without momentum, weight decay or
     maximisation, over exactly the trainable parameters of ``model`` in one group: then a
     forward-gradient step can be fused (``forward_step``)."""
+    check_type("model", model, nn.Module, MODEL)
     if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
         return False
     group = optimizer.param_groups[0]
@@ -76,9 +80,12 @@ def forward_step(estimate: Callable[[Tensor, Tensor], Tensor], optimizer: torch.
     asks ``fuses`` every call; a training loop can ask once and pass the answer. Either
     way, a step whose loss is not finite leaves the weights alone.
     """
+    # cheap enough for every step, and a None here would otherwise fail inside the step
+    check_callable("estimate", estimate, "an estimator, e.g. fgtutor.forward.ForwardGradient(model)")
+    check_type("optimizer", optimizer, torch.optim.Optimizer, OPTIMIZER)
     if fused if fused is not None else fuses(estimate, optimizer):
         with torch.no_grad():
-            loss, dd = estimate.directional_derivative(estimate.sample(), x, y)
+            loss, dd = estimate.loss_and_derivative(x, y)
         if torch.isfinite(loss):
             if estimate.sampler == "rank1":  # rank-one updates, straight from the factors
                 estimate.descend_(optimizer.param_groups[0]["lr"] * estimate.clip_(dd).item())
@@ -98,6 +105,7 @@ class _ForwardOptimizer:
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
                  decay: float, clip: Optional[float], num_tangents: int, sampler: str,
                  generator: Optional[torch.Generator]) -> None:
+        check_positive("decay", decay, allow_zero=True)  # by its name here, not exp_decay's k
         self.model = model
         self.estimate = ForwardGradient(model, loss_fn, num_tangents=num_tangents, sampler=sampler,
                                         clip=clip, generator=generator)
@@ -130,12 +138,22 @@ class ForwardSGD(_ForwardOptimizer):
                  momentum: float = 0.0, nesterov: bool = False, decay: float = 0.0,
                  clip: Optional[float] = None, *, num_tangents: int = 1, sampler: str = "rademacher",
                  generator: Optional[torch.Generator] = None) -> None:
+        check_type("model", model, nn.Module, MODEL)  # before torch.optim reads model.parameters()
         check_positive("lr", lr)
         check_positive("momentum", momentum, allow_zero=True)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0.")
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov)
         super().__init__(model, loss_fn, opt, decay, clip, num_tangents, sampler, generator)
+
+
+def _check_betas(betas) -> None:
+    """Adam's two decay rates, each in [0, 1): torch.optim.Adam checks their values, but
+    indexes them first (a bare TypeError or IndexError for anything but a pair)."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas={betas!r} is not allowed: use two numbers in [0, 1), e.g. (0.9, 0.999).")
+    for i, beta in enumerate(betas):
+        check_positive(f"betas[{i}]", beta, allow_zero=True)
 
 
 class ForwardAdam(_ForwardOptimizer):
@@ -149,6 +167,9 @@ class ForwardAdam(_ForwardOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), decay: float = 1e-4,
                  clip: Optional[float] = None, *, eps: float = 1e-8, num_tangents: int = 1,
                  sampler: str = "rademacher", generator: Optional[torch.Generator] = None) -> None:
+        check_type("model", model, nn.Module, MODEL)  # before torch.optim reads model.parameters()
         check_positive("lr", lr)
+        _check_betas(betas)
+        check_positive("eps", eps, allow_zero=True)
         opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps)
         super().__init__(model, loss_fn, opt, decay, clip, num_tangents, sampler, generator)

@@ -6,6 +6,7 @@ exactly once (when it is the cell's value or is displayed), scripts can
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import matplotlib.pyplot as plt
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatterMathtext, MaxNLocator
 
 from .train import History
+from .utils import check_callable, check_frame, check_number, check_pair, check_positive, check_type, short_repr
 
 Series = Union[History, Sequence[float], np.ndarray]
 # one colour per method, everywhere in the book
@@ -32,13 +34,20 @@ def _figure(**kwargs) -> Figure:
     return fig
 
 
+def _check_mapping(name: str, value, what: str, empty_ok: bool = True) -> None:
+    """A dict of label -> what is drawn for it (checked first: a list here would fail deep inside)."""
+    if not isinstance(value, Mapping) or not (empty_ok or value):
+        raise ValueError(f"{name}={short_repr(value)} is not allowed: use a {'' if empty_ok else 'non-empty '}"
+                         f"dict of label -> {what}.")
+
+
 def _colors(labels) -> list:
     """Blue for the first label that names forward gradient, red for the first that names
     backprop, other palette colours for everything else, so that no two runs share one."""
     spare = iter(f"C{i}" for i in (2, 4, 1, 5, 6, 7, 8, 9, 0, 3) * 3)
     colors, used = [], set()
     for label in labels:
-        method = next((m for m in METHOD_COLORS if m in label.lower()), None)
+        method = next((m for m in METHOD_COLORS if m in str(label).lower()), None)
         color = METHOD_COLORS[method] if method and method not in used else next(spare)
         used.add(method)
         colors.append(color)
@@ -47,10 +56,23 @@ def _colors(labels) -> list:
 
 def smooth_curve(values: Sequence[float], window: int) -> np.ndarray:
     """Trailing moving average over ``window`` points (``window <= 1`` returns the input)."""
-    values = np.asarray(values, dtype=float)
+    check_type("window", window, numbers.Integral, "a whole number of points (1 or less: no smoothing)")
+    values = _as_curve("values", values)
     if window <= 1 or len(values) == 0:
         return values
     return pd.Series(values).rolling(window, min_periods=1).mean().to_numpy()
+
+
+def _as_curve(name: str, values) -> np.ndarray:
+    """A sequence of numbers as a 1-d float array, else ``ValueError`` naming ``name``."""
+    try:
+        curve = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        curve = None
+    if curve is None or curve.ndim != 1:
+        raise ValueError(f"{name}={short_repr(values)} is not allowed: use a sequence of numbers, "
+                         "e.g. [2.3, 1.1, 0.7].")
+    return curve
 
 
 def _group(run) -> list:
@@ -58,10 +80,10 @@ def _group(run) -> list:
     return list(run) if isinstance(run, (list, tuple)) and run and isinstance(run[0], History) else [run]
 
 
-def _step_curve(group: list) -> tuple[np.ndarray, np.ndarray]:
+def _step_curve(group: list, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Iterations and the per-step training loss averaged over the runs of a group (a stored
     run keeps block means of ``step_every`` steps; sequences of losses count as one run)."""
-    curves = [np.asarray(r.step_loss if isinstance(r, History) else r, dtype=float) for r in group]
+    curves = [_as_curve(name, r.step_loss if isinstance(r, History) else r) for r in group]
     every = group[0].step_every if isinstance(group[0], History) else 1
     n = min(len(c) for c in curves)
     return (np.arange(n) + 0.5) * every if every > 1 else np.arange(n), np.mean([c[:n] for c in curves], axis=0)
@@ -74,11 +96,13 @@ def plot_loss(runs: Mapping[str, Union[Series, Sequence[History]]], smooth: int 
 
     ``smooth`` draws a moving average over that many points on top of the faint raw curve.
     """
+    _check_mapping("runs", runs, "a History, a list of Histories (seeds) or a sequence of losses")
+    check_positive("smooth", smooth, allow_zero=True, integer=True)
     fig = _figure(figsize=(8, 4.5))
     ax = fig.subplots()
     for color, (label, run) in zip(_colors(runs), runs.items()):
         group = _group(run)
-        steps, losses = _step_curve(group)
+        steps, losses = _step_curve(group, f"runs[{label!r}]")
         label = f"{label} (mean of {len(group)} seeds)" if len(group) > 1 else label
         if smooth > 1:
             ax.plot(steps, losses, color=color, alpha=0.2, lw=0.8)
@@ -96,8 +120,13 @@ def plot_loss(runs: Mapping[str, Union[Series, Sequence[History]]], smooth: int 
 def _curve_frame(runs: Mapping[str, Union[History, Sequence[History]]], eval_set: str) -> pd.DataFrame:
     """The evaluations of every run in long form (one row per run, seed and epoch), with a
     group's training seconds averaged over its seeds so that its seeds share the x axis."""
+    _check_mapping("runs", runs, "a History or a list of Histories (seeds)", empty_ok=False)
+    check_type("eval_set", eval_set, str, 'the name of an evaluation set, e.g. "test"')
     frames = []
     for label, run in runs.items():
+        if not all(isinstance(r, History) for r in _group(run)):
+            raise ValueError(f"runs[{label!r}]={short_repr(run)} is not allowed: use a History or a non-empty "
+                             "list of Histories (seeds).")
         group = [r.to_dataframe() for r in _group(run)]
         if any(f"{eval_set}_loss" not in df for df in group):
             raise ValueError(f"eval_set={eval_set!r} was not evaluated in run {label!r}.")
@@ -142,6 +171,9 @@ def plot_curves(runs: Mapping[str, Union[History, Sequence[History]]], eval_set:
 
 
 def _grid(f: Callable, xlim: tuple[float, float], ylim: tuple[float, float], n: int = 200):
+    """``f`` on an n × n grid over the axis ranges, which are checked here for every plot of ``f``."""
+    check_callable("f", f, "a function f(x, y) of two tensors, e.g. fgtutor.testfns.beale")
+    xlim, ylim = (check_pair(name, lim, "two numbers (low, high)") for name, lim in (("xlim", xlim), ("ylim", ylim)))
     xs = torch.linspace(*xlim, n, dtype=torch.float64)
     ys = torch.linspace(*ylim, n, dtype=torch.float64)
     X, Y = torch.meshgrid(xs, ys, indexing="xy")
@@ -150,8 +182,8 @@ def _grid(f: Callable, xlim: tuple[float, float], ylim: tuple[float, float], n: 
 
 def _as_points(path) -> np.ndarray:
     points = np.asarray(path.points if hasattr(path, "points") else path, dtype=float)
-    if points.ndim != 2 or points.shape[1] != 2:
-        raise ValueError(f"a trajectory must be an (n, 2) array of points, got shape {points.shape}.")
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
+        raise ValueError(f"a trajectory must be an (n, 2) array of points with n >= 1, got shape {points.shape}.")
     return points
 
 
@@ -160,10 +192,17 @@ def plot_contour(f: Callable, trajectories: Mapping[str, object], xlim: tuple[fl
                  arrows: int = 30, title: str = "") -> Figure:
     """Log-spaced contours of ``f(x, y)`` with each trajectory (a ``Trajectory`` or an
     (n, 2) array) drawn as a path, with up to ``arrows`` step arrows along it."""
+    _check_mapping("trajectories", trajectories, "a Trajectory or an (n, 2) array of points")
+    check_positive("arrows", arrows, allow_zero=True, integer=True)
+    if minimum is not None:
+        check_pair("minimum", minimum, "None or a point (x, y)")
     fig = _figure(figsize=(7, 5.5))
     ax = fig.subplots()
     X, Y, Z = _grid(f, xlim, ylim)
     positive = Z[Z > 0]
+    if not positive.size:
+        raise ValueError("f is nowhere positive on the grid: log-spaced contours need f > 0 somewhere; "
+                         "widen xlim and ylim, or plot f + 1.")
     levels = np.logspace(np.log10(max(positive.min(), 1e-6)), np.log10(positive.max()), 25)
     cs = ax.contourf(X, Y, np.maximum(Z, levels[0]), levels=levels, norm=LogNorm(), cmap="viridis", alpha=0.85)
     decades = 10.0 ** np.arange(np.ceil(np.log10(levels[0])), np.floor(np.log10(levels[-1])) + 1)
@@ -188,6 +227,7 @@ def plot_contour(f: Callable, trajectories: Mapping[str, object], xlim: tuple[fl
 def plot_surface(f: Callable, trajectories: Mapping[str, object], xlim: tuple[float, float],
                  ylim: tuple[float, float], title: str = "") -> Figure:
     """3-D surface of ``log(1 + f)`` with the trajectories drawn on it."""
+    _check_mapping("trajectories", trajectories, "a Trajectory or an (n, 2) array of points")
     fig = _figure(figsize=(7, 5.5))
     ax = fig.add_subplot(projection="3d")
     X, Y, Z = _grid(f, xlim, ylim, n=120)
@@ -206,11 +246,12 @@ def plot_estimates(f: Callable, point: tuple[float, float], true_grad: Sequence[
                    estimates: Sequence[Sequence[float]], xlim: tuple[float, float],
                    ylim: tuple[float, float], title: str = "") -> Figure:
     """Sampled gradient estimates drawn as arrows from ``point`` against the true gradient."""
+    point, true_grad = check_pair("point", point), check_pair("true_grad", true_grad)
+    est = _as_points(estimates)
     fig = _figure(figsize=(6.5, 5))
     ax = fig.subplots()
     X, Y, Z = _grid(f, xlim, ylim)
     ax.contour(X, Y, np.log1p(Z), levels=20, cmap="Greys", alpha=0.6)
-    est = np.asarray(estimates, dtype=float)
     ax.quiver(np.full(len(est), point[0]), np.full(len(est), point[1]), est[:, 0], est[:, 1],
               color=METHOD_COLORS["forward"], angles="xy", scale_units="xy", scale=1, width=0.005,
               alpha=0.8, label=f"{len(est)} forward gradients")
@@ -226,6 +267,7 @@ def plot_bars(table: pd.DataFrame, title: str = "", ylabel: str = "milliseconds 
               stacked: bool = True) -> Figure:
     """Bars: one group per row of ``table``, one bar or segment per column, stacked
     (parts of a whole) or side by side (``stacked=False``, things to compare)."""
+    check_frame("table", table, [], "a DataFrame: one row per group of bars, one column per bar")
     fig = _figure(figsize=(8, 4.5))
     ax = fig.subplots()
     x = np.arange(len(table))
@@ -250,6 +292,12 @@ def plot_step_costs(steps: pd.DataFrame, parts: Sequence[str] = ("sample tangent
     """One panel per model (a row of ``fgtutor.bench.measure_steps``): milliseconds of a
     forward pass, a backprop step, a forward-gradient step split into its parts, and the
     same step through ``torch.func``."""
+    if isinstance(parts, str) or not isinstance(parts, Sequence):
+        raise ValueError(f"parts={parts!r} is not allowed: use a list of step parts, e.g. ['update'].")
+    check_frame("steps", steps, ["batch", "forward gradient ms", *(f"{part} ms" for part in parts)],
+                "fgtutor.bench.measure_steps's table, one row per model")
+    if steps.empty:
+        raise ValueError("steps has no rows: there is no model to draw.")
     fig = _figure(figsize=(5.5 * len(steps), 4.5))
     axes = np.atleast_1d(fig.subplots(1, len(steps)))
     for ax, (model, row) in zip(axes, steps.iterrows()):
@@ -283,6 +331,8 @@ def plot_samples(samples: Mapping[str, object], true_grad: Sequence[float], titl
     mean (cross) and the true gradient (star). Axes cover the central 98 % of the points;
     when a cloud has only a few distinct points (Rademacher in 2-D), each is labelled with
     its count."""
+    _check_mapping("samples", samples, "an (n, 2) array of estimates", empty_ok=False)
+    true_grad = check_pair("true_grad", true_grad)
     clouds = {label: _as_points(s) for label, s in samples.items()}
     everything = np.concatenate(list(clouds.values()))
     lo, hi = np.percentile(everything, 1, axis=0), np.percentile(everything, 99, axis=0)
@@ -310,9 +360,11 @@ def plot_distribution(values: Sequence[float], reference: float, xlabel: str, ti
                       label: str = "", reference_label: str = "") -> Figure:
     """Histogram of ``values`` with a vertical line at ``reference``: e.g. what a noisy
     metric reports, run after run, against the exact value it should report."""
+    values = _as_curve("values", values)
+    reference = check_number("reference", reference)
     fig = _figure(figsize=(7, 4))
     ax = fig.subplots()
-    ax.hist(np.asarray(values, dtype=float), bins=30, color="tab:gray", alpha=0.8, label=label)
+    ax.hist(values, bins=30, color="tab:gray", alpha=0.8, label=label)
     ax.axvline(reference, color="black", lw=2, label=reference_label)
     ax.set(xlabel=xlabel, ylabel="count", title=title)
     if label or reference_label:
@@ -324,6 +376,8 @@ def plot_sweep(results: pd.DataFrame, metric: str = "val_loss", title: str = "",
     """``metric`` against learning rate (log scale) for every method and value of ``by``
     (a column: the decay, or e.g. the search protocol) of a sweep (one row per run, as
     ``fgtutor.analysis.search_table`` makes); diverged runs are marked with an ✕ at the top."""
+    check_frame("results", results, ["method", "lr", "diverged", metric, by],
+                "a table of runs, one row each, as fgtutor.analysis.search_table makes it")
     fig = _figure(figsize=(8, 4.5))
     ax = fig.subplots()
     methods = list(dict.fromkeys(results["method"]))
@@ -351,6 +405,9 @@ def plot_cosines(measured: pd.DataFrame, title: str = "") -> Figure:
     colour per ``stage``: one dot per draw, the mean as a bar; a black tick where
     ``measured`` has a ``theory`` value for that estimator (columns ``estimator``,
     ``stage``, ``cosine`` and optionally ``theory``)."""
+    check_frame("measured", measured, ["estimator", "stage", "cosine"], "a DataFrame of cosines, one row per draw")
+    if measured.empty:
+        raise ValueError("measured has no rows: there is no cosine to draw.")
     estimators = list(dict.fromkeys(measured["estimator"]))
     fig = _figure(figsize=(8, 0.55 * len(estimators) + 1.8))
     ax = fig.subplots()

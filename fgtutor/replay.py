@@ -48,7 +48,7 @@ import torch
 
 from . import store
 from .train import train_model
-from .utils import check_positive
+from .utils import check_positive, check_type
 
 FINGERPRINT_STEPS = 20
 #: the fingerprint's tolerance (relative): measured cross-kernel noise is below 4e-13
@@ -143,6 +143,7 @@ def fingerprint(config: dict, steps: int = FINGERPRINT_STEPS) -> dict:
     ``PROJECTIONS`` projections :math:`\langle \theta_N - \theta_0, r_j\rangle/\sqrt n` on
     fixed ±1 vectors. Same seeds, batches, tangents and schedule as the run itself."""
     check_positive("steps", steps, integer=True)
+    check_type("config", config, dict, "a run configuration: a dict from fgtutor.store.run_config(...)")
     config = store.run_config(**config)
     (X, Y), _ = store.config_data(config)
     start: dict = {}

@@ -61,7 +61,7 @@ from . import store
 from .store import (MissingRunsError, config_data, describe, load, provenance, run_config, run_key, run_path,
                     save, store_roots)
 from .train import History, best_run, train_model
-from .utils import check_choice, check_positive
+from .utils import check_choice, check_positive, check_type
 
 #: the learning-rate chapter's grids (``book/lr_search.ipynb``): half-decade steps
 BOOK_GRIDS = {"forward": np.logspace(-4, -2, 5).tolist(), "backprop": np.logspace(-2, 0, 5).tolist()}
@@ -475,6 +475,7 @@ def grid_progress(study: optuna.Study) -> dict[str, int]:
     """How far the study is: ``done`` (complete or pruned), ``failed`` (for good),
     ``running``, ``waiting`` (retries queued) and, for a grid, ``open`` points no trial has
     taken yet. Failed trials that were retried, and surplus ones, are not counted."""
+    check_type("study", study, optuna.Study, "an optuna.Study, e.g. from open_study(...) or search_study(...)")
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     live = [t for t in trials if t.number not in retried and "surplus_of" not in t.user_attrs]
@@ -569,6 +570,7 @@ def _check_stored(base: dict, grid: list[float], root, is_grid: bool) -> None:
 
 def describe_search(study: optuna.Study) -> str:
     """E.g. ``mlp forward decay=1e-04, 10 epochs on 50000, seed 0: grid over lr 0.0001, …, 0.01 (pruner median)``."""
+    check_type("study", study, optuna.Study, "an optuna.Study, e.g. from open_study(...) or search_study(...)")
     a = study.user_attrs
     b = a["base"]
     lrs = ", ".join(f"{lr:.3g}" for lr in a["grid"])
@@ -624,6 +626,7 @@ def study_table(study: optuna.Study) -> pd.DataFrame:
     ``fgtutor.analysis.search_table`` has them for diverged runs), ``diverged``,
     ``pruned``, ``pruned_epoch``, ``train_seconds`` (spent), ``full_train_seconds``,
     ``full_val_loss``, ``source`` and ``trial``."""
+    check_type("study", study, optuna.Study, "an optuna.Study, e.g. from open_study(...) or search_study(...)")
     base = study.user_attrs.get("base") or {}
     rows, seen = [], set()
     for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
@@ -663,6 +666,7 @@ def pruning_saving(study: optuna.Study) -> dict[str, Any]:
 
     Seconds are the runs' own recorded training seconds (for stored runs, those of the
     machine that trained them), not the wall-clock time of this search."""
+    check_type("study", study, optuna.Study, "an optuna.Study, e.g. from open_study(...) or search_study(...)")
     table = study_table(study)
     if table.empty:
         raise ValueError(f"study {study.study_name!r} has no finished trial yet: run a worker on it first.")

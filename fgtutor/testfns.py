@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .forward import check_sampler, forward_gradient
-from .utils import check_choice, check_positive, make_generator
+from .utils import check_callable, check_choice, check_pair, check_positive, make_generator
 
 BEALE_MINIMUM = (3.0, 0.5)
 ROSENBROCK_MINIMUM = (1.0, 1.0)
@@ -42,6 +42,7 @@ class Trajectory(NamedTuple):
 
 
 METHODS = ("forward", "backprop")
+_F = "a function f(x, y) of two scalar tensors, e.g. fgtutor.testfns.beale"
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
@@ -63,15 +64,15 @@ def optimize(
     The tangents come from a private generator seeded with ``seed``, so two calls with the
     same arguments give the same trajectory.
     """
+    check_callable("f", f, _F)
     check_choice("method", method, METHODS)
     check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
     check_positive("steps", steps, integer=True)
     check_positive("lr", lr)
     check_sampler(sampler)
-    if len(start) != 2:
-        raise ValueError(f"start={start!r} is not allowed: give two numbers (x, y).")
+    start = check_pair("start", start)
 
-    theta = torch.tensor([float(s) for s in start], dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     opt = OPTIMIZERS[optimizer]([theta], lr=lr)
     generator = make_generator(seed)
 
@@ -99,8 +100,9 @@ def sample_estimates(f: Callable, point: Sequence[float], n: int, sampler: str =
                      seed: int = 0) -> Tensor:
     """``n`` independent single-tangent forward gradients of ``f(x, y)`` at ``point``, as an
     (n, 2) tensor: the raw material for looking at the estimator's mean and spread."""
+    check_callable("f", f, _F)
     check_positive("n", n, integer=True)
-    theta = torch.tensor([float(p) for p in point], dtype=torch.float64)
+    theta = torch.tensor(check_pair("point", point), dtype=torch.float64)
     generator = make_generator(seed)
     return torch.stack([forward_gradient(lambda p: f(p[0], p[1]), theta, sampler=sampler,
                                          generator=generator)[1] for _ in range(n)])
@@ -108,6 +110,7 @@ def sample_estimates(f: Callable, point: Sequence[float], n: int, sampler: str =
 
 def true_gradient(f: Callable, point: Sequence[float]) -> Tensor:
     """The exact gradient of ``f(x, y)`` at ``point`` (by reverse mode), as a (2,) tensor."""
-    theta = torch.tensor([float(p) for p in point], dtype=torch.float64, requires_grad=True)
+    check_callable("f", f, _F)
+    theta = torch.tensor(check_pair("point", point), dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(f(theta[0], theta[1]), theta)
     return grad

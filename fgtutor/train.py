@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import itertools
 import json
 import math
 import platform
@@ -33,10 +34,10 @@ from .activity import ActivityGradient
 from .data import batches
 from .forward import ForwardGradient
 from .losses import cross_entropy
-from .models import count_parameters, make_model
+from .models import MODELS, count_parameters, make_model
 from .optim import exp_decay, forward_step, fuses
-from .utils import (atomic_write, check_choice, check_positive, check_type, make_generator, pick_device,
-                    seed_everything, synchronize)
+from .utils import (atomic_write, check_callable, check_choice, check_frame, check_positive, check_type,
+                    make_generator, pick_device, seed_everything, short_repr, synchronize)
 
 METHODS = ("forward", "backprop")
 #: what a forward gradient perturbs: all weights at once (``ForwardGradient``, FG-W) or
@@ -45,6 +46,7 @@ PERTURB = ("weights", "activities")
 #: the optimizers ``train_model`` builds by name
 OPTIMIZERS = ("sgd", "adam")
 Dataset = tuple[Tensor, Tensor]
+LOSS_FN = "a function of (logits, labels) that returns a scalar tensor, e.g. fgtutor.losses.cross_entropy"
 
 
 def _check_dataset(name: str, data: Dataset) -> Dataset:
@@ -81,6 +83,13 @@ def _check_labels(model: nn.Module, sets: dict[str, Dataset]) -> None:
                              f"classes: labels must lie in 0..{classes - 1}.")
 
 
+def _model_device(model: nn.Module, default: torch.device) -> torch.device:
+    """Where ``model`` computes: its parameters' device, else its buffers', else ``default``
+    (a model with neither, e.g. ``nn.Flatten()``, runs wherever its inputs are)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return default if tensor is None else tensor.device
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 1000,
              loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy) -> tuple[float, float]:
@@ -89,10 +98,12 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 1000,
     Batch losses are weighted by batch size, so the last partial batch counts exactly as
     much as its samples (the original kept only the last batch's loss).
     """
+    check_type("model", model, nn.Module, "a torch.nn.Module, e.g. fgtutor.models.MLP()")
+    check_callable("loss_fn", loss_fn, LOSS_FN)
     X, Y = _check_dataset("(X, Y)", (X, Y))
     check_positive("batch_size", batch_size, integer=True)
-    _check_labels(model, {"(X, Y)": (X.to(next(model.parameters()).device), Y)})
-    device = next(model.parameters()).device
+    device = _model_device(model, X.device)
+    _check_labels(model, {"(X, Y)": (X.to(device), Y)})
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
@@ -138,6 +149,7 @@ class History:
         For a run that diverged that is the score of its last finished epoch, not of a
         trained model: a ``RuntimeWarning`` says so (check ``diverged`` first to handle it).
         """
+        check_type("column", column, str, 'the name of a recorded column, e.g. "test_accuracy"')
         if not self.epochs or column not in self.epochs[-1]:
             raise ValueError(f"column={column!r} is not recorded; have: {', '.join(self.epochs[-1]) if self.epochs else 'nothing'}.")
         if self.diverged:
@@ -155,6 +167,7 @@ class History:
     @classmethod
     def from_json(cls, source: Union[str, Path]) -> "History":
         """Read a history written by ``to_json`` (a path, or the JSON text itself)."""
+        check_type("source", source, (str, Path), "a path to a History's JSON file, or the JSON text itself")
         text, where = str(source), "the JSON text"
         if not text.lstrip().startswith("{"):
             where = str(source)
@@ -243,7 +256,7 @@ def fit(
     batches whatever the method. A non-finite loss stops the run: the history records
     where and why (``diverged``, ``message``) and a warning says how to fix it.
     ``max_steps`` stops after that many steps, without a final evaluation: replaying the
-    start of a stored run (``fgtutor.store.replay``) needs no more.
+    start of a stored run (``fgtutor.replay``) needs no more.
 
     ``checkpoint`` (a file path) makes the run resumable: after every epoch the model,
     optimizer, schedule, both random generators and the history are written there
@@ -264,6 +277,9 @@ def fit(
     check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim optimizer over the model's parameters")
     if eval_sets is not None:
         check_type("eval_sets", eval_sets, dict, 'a dict of named (X, Y) pairs, e.g. {"test": (X_test, Y_test)}')
+    _check_schedule(schedule, optimizer)
+    check_callable("loss_fn", loss_fn, LOSS_FN)
+    _check_hooks(meta, checkpoint, on_epoch)
     check_positive("seed", seed, allow_zero=True, integer=True)
     check_positive("epochs", epochs, integer=True)
     check_positive("batch_size", batch_size, integer=True)
@@ -402,6 +418,29 @@ def fit(
     return history
 
 
+def _check_schedule(schedule, optimizer: torch.optim.Optimizer) -> None:
+    """None, or a learning-rate schedule of ``optimizer`` itself: one made for another
+    optimizer would step, and change nothing, without a word."""
+    if schedule is None:
+        return
+    check_type("schedule", schedule, torch.optim.lr_scheduler.LRScheduler, "None or a torch.optim.lr_scheduler "
+               "schedule of the optimizer, e.g. fgtutor.optim.exp_decay(optimizer, 1e-4)")
+    if schedule.optimizer is not optimizer:
+        raise ValueError(f"schedule={type(schedule).__name__} belongs to another optimizer: "
+                         "make it from the optimizer passed to fit, e.g. exp_decay(optimizer, 1e-4).")
+
+
+def _check_hooks(meta, checkpoint, on_epoch) -> None:
+    """The optional extras of ``fit``, checked before the first step rather than at the first use."""
+    if meta is not None:
+        check_type("meta", meta, dict, 'None or a dict of extra facts to record, e.g. {"note": "baseline"}')
+    if checkpoint is not None:
+        check_type("checkpoint", checkpoint, (str, Path), "None or a file path (a str or pathlib.Path)")
+    if on_epoch is not None:
+        check_callable("on_epoch", on_epoch, "None or a function of an evaluation row (a dict) that returns "
+                                             "True to stop the run")
+
+
 # what may differ between an interrupted run and its resumption
 _RESUMABLE_META = ("threads", "device", "torch", "python")
 
@@ -450,6 +489,8 @@ def train_model(
     Calling it twice with the same ``seed`` and different ``method`` trains the same
     initial weights on the same batches: the fair comparison. ``kwargs`` go to ``fit``.
     """
+    _check_constructor(model)
+    check_choice("method", method, METHODS)  # here too: before seeding and building anything
     check_positive("lr", lr)
     check_positive("decay", decay, allow_zero=True)
     check_positive("momentum", momentum, allow_zero=True)
@@ -460,12 +501,11 @@ def train_model(
     if unknown:
         raise ValueError(f"train_model has no argument {', '.join(map(repr, unknown))}; besides its own it passes "
                          f"these to fit: {', '.join(p for p in inspect.signature(fit).parameters if p not in ('model', 'method', 'optimizer', 'train', 'eval_sets', 'epochs', 'batch_size', 'schedule', 'seed', 'meta'))}.")
-    if isinstance(model, nn.Module):
-        raise ValueError("model must be a name (e.g. 'mlp') or a constructor (e.g. MLP), not a built "
-                         "module: train_model seeds before building it, so that runs start from the same weights.")
+    if "meta" in kwargs:
+        check_type("meta", kwargs["meta"], dict, 'a dict of extra facts to record, e.g. {"note": "baseline"}')
     seed_everything(seed)
     dev = pick_device(device)
-    net = (make_model(model) if isinstance(model, str) else model()).to(dev)
+    net = _build(model).to(dev)
     opt = (torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.Adam(net.parameters(), lr=lr))
     meta = {"decay": decay, "momentum": momentum, **kwargs.pop("meta", {})}
@@ -474,6 +514,50 @@ def train_model(
     history = fit(net, method, opt, train, eval_sets, epochs, batch_size, exp_decay(opt, decay),
                   seed=seed, meta=meta, **kwargs)
     return net, history
+
+
+_MODEL_ARG = (f"a model name ({', '.join(map(repr, MODELS))}) or a zero-argument constructor, e.g. "
+              "fgtutor.models.MLP or functools.partial(MLP, hidden=256)")
+
+
+def _check_constructor(model) -> None:
+    """``train_model``'s ``model``: a name, or something that builds a module when called
+    with no arguments. Checked before seeding, so that nothing has happened yet."""
+    if isinstance(model, nn.Module):
+        raise ValueError("model must be a name (e.g. 'mlp') or a constructor (e.g. MLP), not a built "
+                         "module: train_model seeds before building it, so that runs start from the same weights.")
+    if isinstance(model, str):
+        check_choice("model", model, tuple(MODELS))
+        return
+    check_callable("model", model, _MODEL_ARG)
+    try:
+        inspect.signature(model).bind()
+    except TypeError as exc:
+        raise ValueError(f"model={short_repr(model)} cannot be called without arguments ({exc}): "
+                         f"use {_MODEL_ARG}.") from exc
+    except ValueError:  # no signature to read (some built-in callables): the call will tell
+        pass
+
+
+def _build(model: Union[str, Callable[[], nn.Module]]) -> nn.Module:
+    """The module ``train_model`` trains, built by name or by its constructor."""
+    if isinstance(model, str):
+        return make_model(model)
+    net = model()
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"model={short_repr(model)} returned {short_repr(net)}, not a torch.nn.Module: "
+                         f"use {_MODEL_ARG}.")
+    return net
+
+
+def _check_grid(name: str, values, allow_zero: bool) -> list[float]:
+    """A sweep axis: a non-empty list of positive (or non-negative) numbers."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name}={short_repr(values)} is not allowed: use a list of numbers, e.g. [1e-3, 1e-2].")
+    values = list(values)
+    for value in values:
+        check_positive(f"{name} entry", value, allow_zero=allow_zero)
+    return values
 
 
 def sweep(
@@ -494,7 +578,7 @@ def sweep(
     ``val_loss`` and ``val_accuracy`` (NaN when the run diverged), ``diverged`` and the
     training seconds. ``kwargs`` go to ``train_model`` (epochs, batch_size, seed, ...).
     """
-    grid = [(lr, decay) for decay in decays for lr in lrs]
+    grid = [(lr, decay) for decay in _check_grid("decays", decays, True) for lr in _check_grid("lrs", lrs, False)]
     if not grid:
         raise ValueError("lrs and decays must each hold at least one value.")
     rows = []
@@ -511,8 +595,14 @@ def sweep(
     return pd.DataFrame(rows)
 
 
+_RESULTS = "a table of runs, one row each, as fgtutor.train.sweep or fgtutor.analysis.search_table make it"
+
+
 def best_run(results: pd.DataFrame, metric: str = "val_loss") -> pd.Series:
     """The row of ``sweep`` results with the lowest ``metric`` among runs that did not diverge."""
+    check_frame("results", results, ["diverged", metric], _RESULTS)
+    if results.empty:
+        raise ValueError("results has no rows: there is no run to choose from (was it filtered to nothing?).")
     finite = results[~results["diverged"] & results[metric].notna()]
     if finite.empty:
         raise ValueError("every run in the sweep diverged: try smaller learning rates.")
@@ -522,5 +612,9 @@ def best_run(results: pd.DataFrame, metric: str = "val_loss") -> pd.Series:
 def at_grid_edge(results: pd.DataFrame, best: pd.Series, column: str = "lr") -> bool:
     """True when ``best[column]`` is the smallest or largest value of the grid: the true
     optimum may then lie outside it."""
+    check_frame("results", results, [column], _RESULTS)
+    if not isinstance(best, pd.Series) or column not in best.index:
+        raise ValueError(f"best={short_repr(best)} is not allowed: use a row of results with a {column!r} "
+                         "entry, e.g. best_run(results).")
     values = sorted(results[column].unique())
     return len(values) > 1 and best[column] in (values[0], values[-1])

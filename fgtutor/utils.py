@@ -27,11 +27,66 @@ def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool 
         raise ValueError(f"{name}={value!r} is not allowed: use a {'non-negative' if allow_zero else 'positive'} {what}.")
 
 
+def short_repr(value) -> str:
+    """``repr(value)``, or ``<a TYPE>`` when that is too long for one line of an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"<a {type(value).__name__}>"
+
+
 def check_type(name: str, value, kind, what: str) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is an instance of ``kind``."""
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        shown = repr(value) if len(repr(value)) <= 60 else f"<a {type(value).__name__}>"
-        raise ValueError(f"{name}={shown} is not allowed: use {what}.")
+        raise ValueError(f"{name}={short_repr(value)} is not allowed: use {what}.")
+
+
+def check_callable(name: str, value, what: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` can be called (a function, a class)."""
+    if not callable(value):
+        raise ValueError(f"{name}={short_repr(value)} is not allowed: use {what}.")
+
+
+def check_number(name: str, value) -> float:
+    """A real number (a Python or NumPy number, or a one-element tensor; NaN allowed: a
+    missing score) as a float, else ``ValueError`` naming ``name``."""
+    try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}={short_repr(value)} is not allowed: use a number.") from None
+
+
+def check_pair(name: str, value, what: str = "two numbers (x, y)") -> tuple[float, float]:
+    """Two finite numbers (a tuple, list, array or 2-element tensor) as floats, else
+    ``ValueError`` naming ``name``: a point or an axis range, checked before it is unpacked."""
+    try:  # a string iterates too, but its characters are no coordinates
+        pair = () if isinstance(value, (str, bytes)) else tuple(float(v) for v in value)
+    except (TypeError, ValueError, RuntimeError):  # not iterable, not numbers, a tensor entry of several numbers
+        pair = ()
+    if len(pair) != 2 or not all(math.isfinite(v) for v in pair):
+        raise ValueError(f"{name}={short_repr(value)} is not allowed: use {what}.")
+    return pair
+
+
+def check_frame(name: str, frame, columns, what: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``frame`` is a pandas DataFrame that has
+    every one of ``columns`` (checked here, so that a missing one is not a bare KeyError)."""
+    import pandas as pd  # only the functions that take tables need it
+
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{name}={short_repr(frame)} is not allowed: use {what}.")
+    missing = [c for c in columns if not isinstance(c, str) or c not in frame.columns]
+    if missing:
+        have = ", ".join(map(str, frame.columns)) or "no columns"
+        raise ValueError(f"{name} has no column {', '.join(map(repr, missing))} (it has {have}): use {what}.")
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """``ValueError`` unless ``x`` and ``y`` are tensors: what an estimator's call needs
+    before anything can be said about their shapes."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise ValueError(f"x and y must be tensors (a batch of inputs and its integer labels), got "
+                         f"{type(x).__name__} and {type(y).__name__}.")
 
 
 def check_generator(generator) -> None:
@@ -65,6 +120,7 @@ def seed_everything(seed: int) -> int:
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A private random stream (data order, tangents) that leaves the global RNG alone."""
+    check_positive("seed", seed, allow_zero=True, integer=True)
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
@@ -74,7 +130,7 @@ def pick_device(name: str = "auto") -> torch.device:
     ``"auto"`` prefers CUDA, then Apple's MPS, then the CPU. Asking for a device that is
     absent raises ``ValueError`` saying so, instead of failing later inside a kernel.
     """
-    if name not in DEVICES and not (isinstance(name, str) and name.startswith("cuda:")):
+    if name not in DEVICES and not (isinstance(name, str) and name.startswith("cuda:") and name[5:].isdigit()):
         raise ValueError(f"device={name!r} is not allowed: use one of {', '.join(DEVICES)} (or 'cuda:N').")
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
@@ -120,6 +176,7 @@ def check_writable(name: str, path: Union[str, Path], not_same_as: Union[str, Pa
     """Check, before any work is done, that a result can be written to ``path``: it is
     not a directory, its folder exists or can be made and is writable, and it is not
     ``not_same_as`` (e.g. the input it would overwrite). ``ValueError`` names ``name``."""
+    check_type(name, path, (str, os.PathLike), "a file path (a str or pathlib.Path)")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name}={str(path)!r} is a directory: give a file name, e.g. {path / 'out'}.")
