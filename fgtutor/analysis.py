@@ -110,14 +110,28 @@ def time_to_loss(run: History, target: float, column: str = "test_loss", by: str
     target = check_number("target", target)
     _check_recorded("run", run, (column, by))
     df = pd.DataFrame(run.epochs)
-    seconds, values = df[by].to_numpy(dtype=float), df[column].to_numpy()
+    return _first_crossing(df[by].to_numpy(dtype=float), df[column].to_numpy(dtype=float), target)
+
+
+def time_to_accuracy(run: History, target: float, column: str = "test_accuracy", by: str = "train_seconds") -> float:
+    """Training seconds (or, with ``by="epoch"`` or ``"step"``, epochs or steps) until
+    ``column`` first reaches at least ``target`` (interpolated); NaN if it never does."""
+    _check_run("run", run)
+    target = check_number("target", target)
+    _check_recorded("run", run, (column, by))
+    df = pd.DataFrame(run.epochs)
+    return _first_crossing(df[by].to_numpy(dtype=float), -df[column].to_numpy(dtype=float), -target)
+
+
+def _first_crossing(times: np.ndarray, values: np.ndarray, target: float) -> float:
+    """Where ``values`` first fall to ``target``, interpolated linearly between evaluations."""
     hit = np.flatnonzero(values <= target)
     if len(hit) == 0:
         return float("nan")
     i = hit[0]
     if i == 0:
         return 0.0
-    t0, t1, v0, v1 = seconds[i - 1], seconds[i], values[i - 1], values[i]
+    t0, t1, v0, v1 = times[i - 1], times[i], values[i - 1], values[i]
     return float(t0 + (t1 - t0) * (v0 - target) / (v0 - v1))
 
 

@@ -50,6 +50,12 @@ def _non_negative(name: str, value) -> None:
     check_positive(name, value, allow_zero=True)
 
 
+def _fraction(name: str, value) -> None:
+    check_positive(name, value)
+    if not value < 1:
+        raise ValueError(f"{name}={value!r} is not allowed: use a fraction between 0 and 1, e.g. 0.9.")
+
+
 def _list_of(check: Callable[[str, Any], None], example: str) -> Callable[[str, Any], None]:
     def check_list(name: str, value) -> None:
         if not isinstance(value, (list, tuple)) or not value:
@@ -100,6 +106,8 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "sample_sizes": _list_of(_positive_int, "[10, 100, 1000]"),
         "device": _one_of(*DEVICES),
         "grids": _grids, "tangent_counts": _list_of(_positive_int, "[1, 4, 16]"),
+        "lr_factors": _list_of(check_positive, "[0.316, 1.0, 3.16]"),
+        "target_accuracy": _fraction,
     }
     rules.update(dict.fromkeys(("lr", "forward_lr", "backprop_lr", "beale_lr", "rosenbrock_lr"), check_positive))
     rules.update(dict.fromkeys(("beale_start", "rosenbrock_start", "sample_point"), _point))

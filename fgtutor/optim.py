@@ -34,6 +34,36 @@ def exp_decay(optimizer: torch.optim.Optimizer, k: float) -> LambdaLR:
     return LambdaLR(optimizer, lambda i: math.exp(-k * i))
 
 
+#: learning-rate schedules by name: the paper's exponential decay (``k = 0``: constant) and
+#: the cosine schedule of SGDR, :math:`\eta_i = \eta_0 \tfrac12 (1 + \cos(\pi i / T))`
+SCHEDULES = ("exp", "cosine")
+
+
+def cosine_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+    r"""The cosine schedule :math:`\eta_i = \eta_0 \tfrac12 (1 + \cos(\pi i / T))` over
+    ``total_steps`` :math:`T` steps, from :math:`\eta_0` to 0 (held at 0 after ``T``)."""
+    check_type("optimizer", optimizer, torch.optim.Optimizer, OPTIMIZER)
+    check_positive("total_steps", total_steps, integer=True)
+    return LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps) / total_steps)))
+
+
+def check_schedule(lr_schedule: str, decay: float) -> None:
+    """One rule for a run's schedule: a name from ``SCHEDULES``, and ``decay`` (the
+    exponential schedule's ``k``) only with ``"exp"``."""
+    if lr_schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule={lr_schedule!r} is not allowed: use one of {', '.join(map(repr, SCHEDULES))}.")
+    check_positive("decay", decay, allow_zero=True)
+    if lr_schedule != "exp" and decay:
+        raise ValueError(f"decay={decay} is the 'exp' schedule's rate: use decay=0 with lr_schedule={lr_schedule!r}.")
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, lr_schedule: str, decay: float, total_steps: int) -> LambdaLR:
+    """The schedule ``lr_schedule`` names: ``exp_decay(optimizer, decay)`` or
+    ``cosine_decay(optimizer, total_steps)``."""
+    check_schedule(lr_schedule, decay)
+    return exp_decay(optimizer, decay) if lr_schedule == "exp" else cosine_decay(optimizer, total_steps)
+
+
 def is_plain_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
     """True when ``optimizer`` is ``torch.optim.SGD`` without momentum, weight decay or
     maximisation, over exactly the trainable parameters of ``model`` in one group: then a

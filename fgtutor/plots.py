@@ -424,3 +424,21 @@ def plot_cosines(measured: pd.DataFrame, title: str = "") -> Figure:
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8, loc="lower right")
     return fig
+
+
+def plot_ablation(table: pd.DataFrame, column: str = "test_accuracy", baseline: Optional[float] = None,
+                  xlabel: str = "test accuracy", title: str = "") -> Figure:
+    """One dot per variant of an ablation (``table``: columns ``ingredient``, ``variant``
+    and ``column``), grouped and coloured by ingredient, with the baseline's value as a
+    vertical line: which ingredient moves the result, and which way."""
+    check_frame("table", table, ["ingredient", "variant", column], "a DataFrame with one row per variant")
+    frame = table.assign(label=table["ingredient"] + ": " + table["variant"].astype(str))
+    fig = _figure(figsize=(8, 0.38 * len(frame) + 1.2))
+    ax = fig.subplots()
+    sns.scatterplot(frame, x=column, y="label", hue="ingredient", s=80, ax=ax, legend=False)
+    if baseline is not None:
+        ax.axvline(baseline, color="black", lw=1, ls="--", label="baseline")
+        ax.legend(loc="lower right")
+    ax.set(xlabel=xlabel, ylabel="", title=title)
+    ax.grid(axis="x", alpha=0.3)
+    return fig

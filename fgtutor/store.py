@@ -63,6 +63,7 @@ from . import __version__
 from .data import INPUTS, load_mnist, prepare_inputs, train_val_split
 from .forward import SAMPLERS
 from .models import MODELS
+from .optim import check_schedule
 from .train import METHODS, OPTIMIZERS, PERTURB, History, train_model
 from .utils import atomic_write, check_choice, check_positive, check_type
 
@@ -82,7 +83,7 @@ DEFAULTS = {
 }
 #: settings added after the first stored runs. A configuration holds them only when they
 #: differ from these defaults, so that the runs stored before them keep their keys.
-LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights", "inputs": "raw"}
+LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights", "inputs": "raw", "lr_schedule": "exp"}
 #: settings of the data, not of training: ``config_data`` applies them, ``fit_kwargs`` leaves them out
 DATA_SETTINGS = ("inputs",)
 EVAL_SETS = ("val", "test")
@@ -118,6 +119,7 @@ def run_config(**settings) -> dict:
     check_choice("optimizer", c["optimizer"], OPTIMIZERS)
     check_choice("perturb", c["perturb"], PERTURB)
     check_choice("inputs", c["inputs"], INPUTS)
+    check_schedule(c["lr_schedule"], c["decay"])
     if c["optimizer"] == "adam" and c["momentum"]:
         raise ValueError(f"momentum={c['momentum']} is an SGD setting: use momentum=0 with optimizer='adam'.")
     for name in ("lr",):

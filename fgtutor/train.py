@@ -35,7 +35,7 @@ from .data import batches
 from .forward import ForwardGradient
 from .losses import cross_entropy
 from .models import MODELS, count_parameters, make_model
-from .optim import exp_decay, forward_step, fuses
+from .optim import check_schedule, forward_step, fuses, make_schedule
 from .utils import (atomic_write, check_callable, check_choice, check_frame, check_positive, check_type,
                     make_generator, pick_device, seed_everything, short_repr, synchronize)
 
@@ -475,6 +475,7 @@ def train_model(
     decay: float = 1e-4,
     momentum: float = 0.0,
     optimizer: str = "sgd",
+    lr_schedule: str = "exp",
     epochs: int = 1,
     batch_size: int = 64,
     seed: int = 0,
@@ -483,8 +484,9 @@ def train_model(
 ) -> tuple[nn.Module, History]:
     """Seed everything, build the model (a name from ``fgtutor.models.MODELS`` or a
     zero-argument constructor), the optimizer (``"sgd"``, with ``momentum``, or
-    ``"adam"``: ``torch.optim.Adam`` with its defaults) and the paper's per-iteration
-    decay, then ``fit``. Returns the trained model and its History.
+    ``"adam"``: ``torch.optim.Adam`` with its defaults) and the schedule (``"exp"``: the
+    paper's per-iteration decay by ``decay``; ``"cosine"``: to zero over the run, with
+    ``decay=0``), then ``fit``. Returns the trained model and its History.
 
     Calling it twice with the same ``seed`` and different ``method`` trains the same
     initial weights on the same batches: the fair comparison. ``kwargs`` go to ``fit``.
@@ -492,7 +494,7 @@ def train_model(
     _check_constructor(model)
     check_choice("method", method, METHODS)  # here too: before seeding and building anything
     check_positive("lr", lr)
-    check_positive("decay", decay, allow_zero=True)
+    check_schedule(lr_schedule, decay)
     check_positive("momentum", momentum, allow_zero=True)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     if optimizer == "adam" and momentum:
@@ -509,9 +511,13 @@ def train_model(
     opt = (torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.Adam(net.parameters(), lr=lr))
     meta = {"decay": decay, "momentum": momentum, **kwargs.pop("meta", {})}
+    if lr_schedule != "exp":
+        meta["lr_schedule"] = lr_schedule
     if isinstance(model, str):
         meta["model_name"] = model
-    history = fit(net, method, opt, train, eval_sets, epochs, batch_size, exp_decay(opt, decay),
+    per_epoch = kwargs.get("schedule_every", "step") == "epoch"
+    total = epochs if per_epoch else epochs * math.ceil(len(_check_dataset("train", train)[1]) / batch_size)
+    history = fit(net, method, opt, train, eval_sets, epochs, batch_size, make_schedule(opt, lr_schedule, decay, total),
                   seed=seed, meta=meta, **kwargs)
     return net, history
 

@@ -31,6 +31,7 @@ TINY = {
                "warm_steps": 3, "num_tangents": 2,
                "grids": {"backprop": [["sgd", 0.1]], "FG-W": [["sgd", 1e-3], ["adam", 1e-4]], "FG-A": [["adam", 1e-3]],
                          "LG-FG-A": [["adam", 1e-3]], "backprop, local MLP": [["adam", 1e-3]]}},
+    "recipe": {"epochs": 4, "n_train": 256, "lr_factors": [1.0]},
     "rank1": {"models": ["mlp", "convnet"], "repeats": 2, "warmup": 1, "epochs": 1, "n_train": 256, "seeds": [0, 1]},
 }
 GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")

@@ -12,7 +12,7 @@ from torch import nn
 
 from fgtutor.losses import cross_entropy
 from fgtutor.forward import ForwardGradient
-from fgtutor.optim import ForwardAdam, ForwardSGD, exp_decay, forward_step, is_plain_sgd
+from fgtutor.optim import ForwardAdam, ForwardSGD, cosine_decay, exp_decay, forward_step, is_plain_sgd
 from conftest import seeded
 
 
@@ -260,3 +260,15 @@ def test_the_fused_rank_one_step_equals_writing_the_dense_estimate_then_a_torch_
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters())), "every weight moved"
+
+
+def test_cosine_decay_goes_from_lr0_to_zero_along_half_a_cosine_and_stays_there():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.4)
+    schedule = cosine_decay(opt, total_steps=4)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    expected = [0.4 * 0.5 * (1 + math.cos(math.pi * min(i, 4) / 4)) for i in range(6)]
+    assert seen == pytest.approx(expected, abs=1e-12) and seen[4] == seen[5] == pytest.approx(0, abs=1e-12)

@@ -82,6 +82,11 @@ def test_standardized_inputs_are_a_setting_that_every_set_and_method_shares():
     assert "standardized" in store.describe(config)
     backprop = run_config(**dict(TINY, method="backprop"), inputs="standardized")
     assert backprop["inputs"] == "standardized"
+    cosine = run_config(**TINY, lr_schedule="cosine", decay=0)
+    assert cosine["lr_schedule"] == "cosine" and "lr_schedule" not in run_config(**TINY)
+    assert store.fit_kwargs(cosine)["lr_schedule"] == "cosine"
+    with pytest.raises(ValueError, match="use decay=0 with lr_schedule='cosine'"):
+        run_config(**TINY, lr_schedule="cosine")
     with pytest.raises(ValueError, match="inputs='normalised' is not allowed: use one of 'raw', 'standardized'"):
         run_config(**TINY, inputs="normalised")
 

@@ -481,6 +481,17 @@ class TestTrainModel:
                         device="cpu", progress=False)
         assert h.meta["model"] == "LogisticRegression" and "model_name" not in h.meta
 
+    def test_a_cosine_schedule_falls_to_zero_over_the_run_and_refuses_a_decay(self, tiny):
+        kw = dict(lr=0.05, epochs=2, batch_size=16, device="cpu", progress=False, lr_schedule="cosine", decay=0)
+        _, h = train_model("logreg", "backprop", tiny["train"], {"test": tiny["test"]}, **kw)
+        lrs = [row["lr"] for row in h.epochs]
+        assert lrs[0] == 0.05 and lrs[1] == pytest.approx(0.025) and lrs[2] == pytest.approx(0, abs=1e-12)
+        assert h.meta["lr_schedule"] == "cosine"
+        with pytest.raises(ValueError, match="decay=0.0001 is the 'exp' schedule's rate"):
+            train_model("logreg", "backprop", tiny["train"], **dict(kw, decay=1e-4))
+        with pytest.raises(ValueError, match="lr_schedule='linear' is not allowed"):
+            train_model("logreg", "backprop", tiny["train"], **dict(kw, lr_schedule="linear"))
+
     def test_a_built_module_raises_value_error(self, tiny):
         with pytest.raises(ValueError, match="model"):
             train_model(LogisticRegression(), "backprop", tiny["train"], progress=False)
