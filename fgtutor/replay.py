@@ -19,8 +19,8 @@ that noise. So a replay checks two things:
 
   with fixed random sign vectors :math:`r_j`. Float64 rounds about 10⁹ times finer than
   float32, so another CPU moves these by ~1e-13, while a real change to the code moves
-  the displacement by about as much as it changes the steps: 1e-2 for a 1% learning
-  rate, 1e-4 for a decay 10% off after 20 steps. ``FINGERPRINT_RTOL`` sits between.
+  the displacement by about as much as it changes the steps: 7e-3 for a 1% learning
+  rate, 8e-5 for a decay 10% off after 20 steps. ``FINGERPRINT_RTOL`` sits between.
   On another machine the first ``LOOSE_STEPS`` float32 losses must also agree to
   ``LOOSE_RTOL``: they depend on no training dynamics, only on the model, data and loss.
 
@@ -58,8 +58,9 @@ FINGERPRINT_RTOL = 1e-9
 FINGERPRINT_SEED = 20_221_217  # the sign vectors r_j; any fixed number will do
 PROJECTIONS = 3
 #: float32 steps compared on another machine, and their tolerance: measured noise there
-#: is below 1e-6 for the first steps (it is the growth after them that breaks exact replay)
-LOOSE_STEPS, LOOSE_RTOL = 3, 1e-5
+#: is below 1e-6 for the first steps (9.4e-7 worst over the 89 runs of 2026-12-03 under other
+#: kernels: a margin of 100), and it is the growth after them that breaks exact replay
+LOOSE_STEPS, LOOSE_RTOL = 3, 1e-4
 #: environment variables that choose other kernels: recorded when set
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "DNNL_MAX_CPU_ISA",
               "ONEDNN_MAX_CPU_ISA", "MKL_DEBUG_CPU_TYPE")
