@@ -438,7 +438,41 @@ def plot_ablation(table: pd.DataFrame, column: str = "test_accuracy", baseline: 
     sns.scatterplot(frame, x=column, y="label", hue="ingredient", s=80, ax=ax, legend=False)
     if baseline is not None:
         ax.axvline(baseline, color="black", lw=1, ls="--", label="baseline")
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     ax.set(xlabel=xlabel, ylabel="", title=title)
     ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_ablation_curves(groups: Mapping[str, Mapping[str, History]], baseline: History,
+                         column: str = "val_accuracy", ylabel: str = "validation accuracy") -> Figure:
+    """Small multiples, one panel per ingredient of an ablation: ``column`` against epochs
+    for each of its variants (``groups[ingredient][variant]``, a History) and, dashed in
+    every panel, for the ``baseline``, so that each change is read against the same curve."""
+    _check_mapping("groups", groups, "a dict of ingredient -> {variant: History}", empty_ok=False)
+    check_type("baseline", baseline, History, "the baseline run's History")
+    cols = min(4, len(groups))
+    rows = -(-len(groups) // cols)
+    fig = _figure(figsize=(3.2 * cols, 2.8 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True)).ravel()
+
+    def curve(run: History) -> tuple[list, list]:
+        kept = [row for row in run.epochs if column in row]
+        return [row["epoch"] for row in kept], [row[column] for row in kept]
+
+    for ax, (ingredient, variants) in zip(axes, groups.items()):
+        _check_mapping(f"groups[{ingredient!r}]", variants, "a dict of variant -> History", empty_ok=False)
+        ax.plot(*curve(baseline), color="black", ls="--", lw=1.2, label="baseline")
+        for variant, run in variants.items():
+            check_type(f"groups[{ingredient!r}][{variant!r}]", run, History, "a History")
+            ax.plot(*curve(run), lw=1.6, label=str(variant))
+        ax.set_title(str(ingredient), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    for ax in axes[::cols]:
+        ax.set_ylabel(ylabel)
+    for ax in axes[-cols:]:
+        ax.set_xlabel("epoch")
     return fig

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from fgtutor.analysis import (common_target, epoch_table, final_scores, mean_sd, ms_per_step, search_table, time_to_loss,
+from fgtutor.analysis import (common_target, epoch_table, final_scores, mean_sd, ms_per_step, search_table, time_to_accuracy,
+                              time_to_loss,
                               time_to_loss_ratio)
 from fgtutor.train import History
 
@@ -36,6 +37,13 @@ def test_a_diverged_run_has_no_final_score_but_counts():
     row = final_scores(groups).loc["a"]
     assert row["test_loss mean"] == 1.0 and math.isnan(row["test_loss sd"])
     assert row["train_seconds mean"] == 15 and row["diverged"] == 1
+
+
+def test_time_to_accuracy_is_when_accuracy_first_reaches_the_target_interpolated():
+    r = run([2.0, 1.0, 0.5], [0, 10, 20], accuracy=[0.1, 0.5, 0.9])
+    assert time_to_accuracy(r, 0.5) == 10 and time_to_accuracy(r, 0.7) == pytest.approx(15)
+    assert time_to_accuracy(r, 0.3, by="epoch") == pytest.approx(0.5)
+    assert math.isnan(time_to_accuracy(r, 0.95))
 
 
 def test_time_to_loss_interpolates_between_evaluations():

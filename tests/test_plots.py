@@ -395,3 +395,34 @@ def test_no_helper_opens_a_pyplot_figure(histories, trajectories):
     ]
     assert all(isinstance(f, Figure) for f in figs)
     assert plt.get_fignums() == []
+
+
+def ablation_run(accuracies) -> History:
+    return History(epochs=[{"epoch": e, "val_accuracy": a} for e, a in enumerate(accuracies)])
+
+
+def test_plot_ablation_puts_one_dot_per_variant_and_the_baseline_as_a_line():
+    table = pd.DataFrame({"ingredient": ["baseline", "inputs", "inputs"], "variant": ["b", "raw", "other"],
+                          "test_accuracy": [0.6, 0.5, 0.7]})
+    fig = plots.plot_ablation(table, baseline=0.6)
+    ax = fig.axes[0]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 3
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["baseline: b", "inputs: raw", "inputs: other"]
+    assert any(list(line.get_xdata()) == [0.6, 0.6] for line in ax.lines)
+    with pytest.raises(ValueError, match="has no column 'test_accuracy'"):
+        plots.plot_ablation(table.drop(columns="test_accuracy"))
+
+
+def test_plot_ablation_curves_draws_a_panel_per_ingredient_with_the_baseline_in_each():
+    base = ablation_run([0.1, 0.3, 0.5])
+    groups = {"inputs": {"raw": ablation_run([0.1, 0.2, 0.3])},
+              "batch": {"64": ablation_run([0.1, 0.5, 0.7]), "256": ablation_run([0.1, 0.4, 0.6])}}
+    fig = plots.plot_ablation_curves(groups, base)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["inputs", "batch"]
+    assert [len(ax.lines) for ax in panels] == [2, 3]
+    assert list(panels[1].lines[0].get_ydata()) == [0.1, 0.3, 0.5]  # the baseline first, dashed
+    with pytest.raises(ValueError, match="baseline"):
+        plots.plot_ablation_curves(groups, None)
+    with pytest.raises(ValueError, match="groups"):
+        plots.plot_ablation_curves({}, base)
