@@ -494,6 +494,8 @@ def train_model(
     _check_constructor(model)
     check_choice("method", method, METHODS)  # here too: before seeding and building anything
     check_positive("lr", lr)
+    check_positive("epochs", epochs, integer=True)  # both size the cosine schedule, before fit sees them
+    check_positive("batch_size", batch_size, integer=True)
     check_schedule(lr_schedule, decay)
     check_positive("momentum", momentum, allow_zero=True)
     check_choice("optimizer", optimizer, OPTIMIZERS)

@@ -17,6 +17,7 @@ from torch import nn
 import fgtutor.train as train_mod
 from fgtutor.losses import cross_entropy
 from fgtutor.models import LogisticRegression
+from fgtutor.optim import exp_decay
 from fgtutor.train import History, evaluate, fit, train_model
 
 
@@ -538,6 +539,7 @@ KILLED_RUN = """
 import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 import fgtutor.train as train_mod
+from fgtutor.optim import exp_decay
 from test_train import separable, small_mlp
 real = train_mod._save_checkpoint
 def save_then_die(path, state):
@@ -549,7 +551,7 @@ torch.manual_seed(0)
 model = small_mlp()
 opt = torch.optim.SGD(model.parameters(), **{settings!r})
 train_mod.fit(model, {method!r}, opt, separable(256, seed=1), {{"test": separable(200, seed=2)}}, epochs=4,
-              batch_size=32, schedule=train_mod.exp_decay(opt, 1e-2), progress=False, checkpoint=sys.argv[1])
+              batch_size=32, schedule=exp_decay(opt, 1e-2), progress=False, checkpoint=sys.argv[1])
 """
 
 
@@ -563,7 +565,7 @@ def resumable_fit(method, data, checkpoint=None):
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), **SETTINGS[method])
     return fit(model, method, opt, data["train"], {"test": data["test"]}, epochs=4, batch_size=32,
-               schedule=train_mod.exp_decay(opt, 1e-2), progress=False, checkpoint=checkpoint)
+               schedule=exp_decay(opt, 1e-2), progress=False, checkpoint=checkpoint)
 
 
 @pytest.mark.parametrize("method", ["forward", "backprop"])
