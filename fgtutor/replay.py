@@ -177,16 +177,10 @@ def fingerprint_difference(stored: dict, replayed: dict) -> float:
     finite where the other is not."""
     if len(stored["loss"]) != len(replayed["loss"]):
         return math.inf
-    scale = abs(stored["displacement"])
-    pairs = [(a, b, abs(a)) for a, b in zip(stored["loss"], replayed["loss"])]
-    pairs += [(stored["displacement"], replayed["displacement"], scale)]
-    pairs += [(a, b, scale) for a, b in zip(stored["projections"], replayed["projections"])]
-    worst = 0.0
-    for a, b, size in pairs:
-        if math.isnan(a) and math.isnan(b) or a == b:
-            continue
-        worst = max(worst, abs(a - b) / max(size, 1e-300) if math.isfinite(a - b) else math.inf)
-    return worst
+    scale = stored["displacement"]
+    pairs = [*zip(stored["loss"], replayed["loss"]), (stored["displacement"], replayed["displacement"])]
+    worst = max(_relative(a, b) for a, b in pairs)
+    return max([worst, *(_relative(a, b, scale) for a, b in zip(stored["projections"], replayed["projections"]))])
 
 
 # ---------------------------------------------------------------------------
@@ -211,10 +205,13 @@ def _replay_float32(record: dict, steps: int) -> tuple[list[float], list[float]]
     return stored, history.step_loss
 
 
-def _relative(a: float, b: float) -> float:
+def _relative(a: float, b: float, scale: Optional[float] = None) -> float:
+    """``|a − b|`` relative to ``|scale|`` (default ``|a|``): 0 when both are NaN (diverged
+    at the same step), infinite when only one is finite."""
     if math.isnan(a) and math.isnan(b) or a == b:
         return 0.0
-    return abs(a - b) / max(abs(a), 1e-12) if math.isfinite(a - b) else math.inf
+    size = abs(a if scale is None else scale)
+    return abs(a - b) / max(size, 1e-300) if math.isfinite(a - b) else math.inf
 
 
 def same_machine(record: dict) -> bool:

@@ -266,15 +266,16 @@ def provenance(wall_seconds: float, device: str) -> dict:
     }
 
 
-def save(config: dict, history: History, prov: dict, root: Union[str, Path, None] = None,
-         fingerprint: Optional[dict] = None) -> Path:
-    """Write a run (with its ``fgtutor.replay`` fingerprint, when given) atomically and
-    return its path."""
+def save(config: dict, history: History, prov: dict, root: Union[str, Path, None] = None) -> Path:
+    """Write a run with its ``fgtutor.replay`` fingerprint (computed here, so that no
+    stored run lacks one) atomically, and return its path."""
+    from .replay import fingerprint_record  # replay sits on the store
+
     every = max(1, math.ceil(len(history.step_loss) / MAX_CURVE_POINTS))
     stored = {**history.__dict__, "step_loss": thin(history.step_loss, every), "step_every": every}
     record = {"format": FORMAT, "key": run_key(config), "config": config, "provenance": prov,
               "first_steps": history.step_loss[:REPLAY_STEPS], "history": stored,
-              **({"fingerprint": fingerprint} if fingerprint is not None else {})}
+              "fingerprint": fingerprint_record(config, float32_exact=True)}
     return write_record(run_path(config, root), record)
 
 
@@ -397,10 +398,8 @@ def train_and_save(config: dict, root: Union[str, Path, None] = None, retrain: b
     with locked(path):
         if path.exists() and not retrain:
             return path, False
-        from .replay import fingerprint_record  # replay sits on the store
-
         history, prov = train_config(config, device, progress, checkpoint_path(config, root))
-        return save(config, history, prov, root, fingerprint_record(config, float32_exact=True)), True
+        return save(config, history, prov, root), True
 
 
 def _worker_init(threads: int) -> None:

@@ -417,10 +417,7 @@ def _train(trial: optuna.Trial, config: dict, root: Path, device: str, progress:
                                  on_epoch=_reporter(trial, config), **store.fit_kwargs(config))
     stop = history.meta.get("stopped_after_epoch")
     if stop is None:
-        from .replay import fingerprint_record  # replay sits on the store
-
-        save(config, history, provenance(time.perf_counter() - start, history.meta["device"]), root,
-             fingerprint_record(config, float32_exact=True))
+        save(config, history, provenance(time.perf_counter() - start, history.meta["device"]), root)
         trial.set_user_attr("full_train_seconds", history.epochs[-1]["train_seconds"])
         trial.set_user_attr("full_val_loss", None if history.diverged else history.epochs[-1]["val_loss"])
     return _outcome(trial, config, history, stop, "trained")
