@@ -38,6 +38,7 @@ import contextlib
 import functools
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -135,6 +136,10 @@ def run_config(**settings) -> dict:
                          "60,000 training images.")
     if not isinstance(c["model_kwargs"], dict):
         raise ValueError(f"model_kwargs={c['model_kwargs']!r} is not allowed: use a dict, e.g. {{'padding': 1}}.")
+    takes = inspect.signature(MODELS[c["model"]]).parameters
+    if set(c["model_kwargs"]) - set(takes):
+        raise ValueError(f"model_kwargs={c['model_kwargs']!r} is not allowed: model {c['model']!r} takes "
+                         f"{', '.join(map(repr, takes)) or 'no settings'}.")
     c["eval_sets"] = list(c["eval_sets"])
     for name in c["eval_sets"]:
         check_choice("eval_sets entry", name, EVAL_SETS)
@@ -212,7 +217,8 @@ def describe(config: dict) -> str:
     """A short human label, e.g. ``mlp forward lr=2e-04 decay=1e-04 50 epochs seed 0``."""
     check_type("config", config, dict, "a run configuration: a dict from run_config(...)")
     config = run_config(**config)
-    extra = "".join(f" {k}={config[k]}" for k in ("momentum", "clip") if config[k])
+    extra = "".join(f" {k}={v}" for k, v in config["model_kwargs"].items())
+    extra += "".join(f" {k}={config[k]}" for k in ("momentum", "clip") if config[k])
     extra += "".join(f" {config[k]}" for k in LATER_DEFAULTS if k in config)
     if config["method"] == "forward" and (config["sampler"] != "rademacher" or config["num_tangents"] != 1):
         extra += f" {config['sampler']}×{config['num_tangents']}"

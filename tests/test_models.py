@@ -76,3 +76,27 @@ def test_make_model_with_an_unknown_name_raises_value_error_naming_it(name):
 def test_convnet_rejects_a_bad_padding(padding):
     with pytest.raises(ValueError, match="padding"):
         ConvNet(padding=padding)
+
+
+def test_kaiming_init_draws_weights_with_variance_two_over_fan_in_and_zero_biases():
+    torch.manual_seed(0)
+    model = MLP(init="kaiming")
+    for layer in (m for m in model if isinstance(m, nn.Linear)):
+        fan_in = layer.in_features
+        assert abs(layer.weight.std().item() / (2 / fan_in) ** 0.5 - 1) < 0.05, fan_in
+        assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_the_default_init_is_pytorchs_so_stored_runs_keep_their_weights():
+    torch.manual_seed(0)
+    default = MLP()
+    torch.manual_seed(0)
+    named = MLP(init="pytorch")
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), named.parameters()))
+    # PyTorch's default: U(±1/√fan_in), sd 1/√(3 fan_in), 2.45 times smaller than Kaiming's
+    assert abs(default[1].weight.std().item() * (3 * 784) ** 0.5 - 1) < 0.02
+
+
+def test_an_unknown_init_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="init='he' is not allowed: use one of 'pytorch', 'kaiming'"):
+        MLP(init="he")

@@ -304,3 +304,17 @@ def test_every_committed_file_is_a_readable_run():
 def test_the_results_command_rejects_a_missing_chapter(capsys):
     assert store.main(["book/no-such-chapter.ipynb"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_initialisation_is_a_model_setting_with_its_own_key_and_replayed_weights():
+    mlp = dict(TINY, model="mlp")
+    config = run_config(**mlp, model_kwargs={"init": "kaiming"})
+    assert run_key(config) != run_key(run_config(**mlp)) and "init=kaiming" in store.describe(config)
+    torch.manual_seed(0)
+    layer = store.model_constructor(config)()[1]
+    assert abs(layer.weight.std().item() * (784 / 2) ** 0.5 - 1) < 0.05 and torch.count_nonzero(layer.bias) == 0
+
+
+def test_a_model_setting_the_model_does_not_take_is_refused_before_training():
+    with pytest.raises(ValueError, match="model 'logreg' takes no settings"):
+        run_config(**TINY, model_kwargs={"init": "kaiming"})
