@@ -20,6 +20,42 @@ example and one :math:`p \to q` layer the estimate's variance is
 Rademacher ones) against :math:`(pq+1)\,\lVert\nabla_W L\rVert^2` for weight perturbation:
 it grows with the layer's width, not its number of weights.
 
+Convolutions (``fgtutor.models.ConvNet``) are perturbed the same way. A ``Conv2d``
+layer's output :math:`z_l` is :math:`B\times C\times H\times W`, and its tangent has
+one independent entry per example, channel and position. The one forward-mode pass
+pushes the tangent through ReLU (:math:`\dot h\,[h > 0]`), MaxPool2d (each window's
+tangent at its argmax), Flatten, Linear and Conv2d
+(:math:`\dot z = W \star \dot h + u`, the convolution without its bias), and then,
+with :math:`A_{bp}` the input patch under output position :math:`p`,
+
+.. math:: \hat g_{W_l} = \sum_{b,p} \hat g_{z_{lb}}[:, p]\, A_{l,bp}^\top, \qquad
+          \hat g_{b_l} = \sum_{b,p} \hat g_{z_{lb}}[:, p],
+
+the correlation of :math:`\hat g_z` with the layer's input, exactly as backprop forms
+:math:`\partial L/\partial W` (``torch.nn.grad.conv2d_weight``). Variance: for one example
+with Gaussian tangents, writing :math:`A'_l` for the :math:`P_l \times (k_l + 1)` matrix
+of layer :math:`l`'s input patches (a 1 appended to each, for the bias; a Linear layer has
+:math:`P = 1` patch, its input) and :math:`C_l` for its output channels,
+
+.. math:: \mathbb E\lVert\hat g - \nabla_\theta L\rVert^2
+          = \lVert\nabla_z L\rVert^2 \sum_l C_l \lVert A'_l\rVert_F^2 + \lVert\nabla_\theta L\rVert^2,
+
+with :math:`\nabla_z L` over every perturbed output (Rademacher tangents subtract
+:math:`2\sum_{l,c,p} (\partial L/\partial z_{lcp})^2 \lVert A'_{lp}\rVert^2`). For one
+Linear layer :math:`\lVert\nabla_W L\rVert^2 = \lVert\nabla_z L\rVert^2 \lVert A'\rVert^2`
+and this is the :math:`(q+1)\,\lVert\nabla_W L\rVert^2` above. For one convolution
+Cauchy–Schwarz only gives :math:`\lVert\nabla_\theta L\rVert^2 \le \lVert\nabla_z L\rVert^2 \lVert A'\rVert^2`:
+the variance is at least :math:`(C + 1)\,\lVert\nabla_\theta L\rVert^2`, and about
+:math:`(C H W + 1)\,\lVert\nabla_\theta L\rVert^2` when the positions' contributions to
+:math:`\nabla_\theta L` do not line up. It grows with the size of the layer's output,
+:math:`C H W` entries per example, not with its :math:`C (C_{in} k^2 + 1)` weights:
+ConvNet's first convolution has 64·26·26 = 43,264 output entries per example and 640
+weights. Over the whole network the tangent has 91,658 entries per example against
+1,171,274 weights, but that does not make the estimate better by as much: every layer's
+term is weighted by :math:`C_l \lVert A'_l\rVert^2`, largest for the first convolutions,
+whose estimates carry most of the noise. ``activity_jvp`` is the hand-written
+forward-mode pass on its own, for checking it against ``torch.func.jvp``.
+
 With a model that defines *local losses* (``fgtutor.models.LocalMLP``, "LG-FG-A") each
 group of units is perturbed only for its own loss, so an estimate covers one group of one
 block. The local heads and the output layer are linear layers on inputs that carry no
@@ -33,7 +69,7 @@ gradient (a stop-gradient), so their exact gradients are one outer product each,
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +81,31 @@ from .tangents import rademacher_
 from .utils import check_batch, check_callable, check_choice, check_generator, check_positive, check_type
 
 SAMPLERS = ("gaussian", "rademacher")
-_LAYERS = (nn.Flatten, nn.Linear, nn.ReLU)
+#: the layers whose outputs are perturbed, and every layer a Sequential may have
+_WEIGHTED = (nn.Linear, nn.Conv2d)
+_LAYERS = (nn.Flatten, nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d)
+
+
+def _unsupported(model: nn.Module) -> Optional[str]:
+    """Why activity perturbation cannot take ``model``, naming the layer; None if it can."""
+    if isinstance(model, LocalMLP):
+        return None
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        return f"{type(model).__name__} is not a LocalMLP or a non-empty nn.Sequential"
+    for i, layer in enumerate(model):
+        if type(layer) not in _LAYERS:
+            return f"layer {i}, {layer}, is none of {', '.join(t.__name__ for t in _LAYERS)}"
+        if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+            return f"layer {i}, {layer}, is not zero-padded by a number of pixels"
+    if not isinstance(model[-1], nn.Linear):
+        return f"its last layer, {model[-1]}, is not a Linear layer (the logits)"
+    return None
 
 
 def supports(model: nn.Module) -> bool:
-    """True for a ``LocalMLP``, or an ``nn.Sequential`` of Flatten / Linear / ReLU layers
-    that ends in a Linear layer (the logits)."""
-    if isinstance(model, LocalMLP):
-        return True
-    return (isinstance(model, nn.Sequential) and len(model) > 0 and isinstance(model[-1], nn.Linear)
-            and all(type(layer) in _LAYERS for layer in model))
+    """True for a ``LocalMLP``, or an ``nn.Sequential`` of Flatten / Linear / Conv2d (zero
+    padding) / ReLU / MaxPool2d layers that ends in a Linear layer (the logits)."""
+    return _unsupported(model) is None
 
 
 def reference_gradient(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
@@ -104,13 +155,112 @@ def weight_cosine(num_weights: int, num_tangents: int = 1) -> float:
 
 
 def _set_grad(p: Tensor, value: Tensor) -> None:
-    """``p.grad = value``, into the existing buffer when there is one (no allocation)."""
+    """``p.grad = value``, into the existing buffer when there is one (no allocation); a
+    new one is laid out like ``p`` (e.g. channels-last), as autograd lays it out."""
     if not p.requires_grad:
         return
     if p.grad is None or p.grad.shape != p.shape:
-        p.grad = value.reshape(p.shape).contiguous()
+        p.grad = torch.empty_like(p).copy_(value.reshape(p.shape))
     else:
         p.grad.copy_(value.view(p.shape))
+
+
+def _conv_weight_grad(layer: nn.Conv2d, a: Tensor, g_z: Tensor) -> Tensor:
+    """``torch.nn.grad.conv2d_weight(a, W.shape, g_z, ...)``: the correlation of ∂L/∂z
+    with the input, by the kernel it calls, shown the layer's weight rather than only its
+    shape so that it picks the weight's memory layout (channels-last) as autograd does
+    (with a one-channel input ``conv2d_weight`` converts ∂L/∂z first: 10× slower)."""
+    return torch.ops.aten.convolution_backward(g_z, a, layer.weight, None, layer.stride, layer.padding, layer.dilation,
+                                               False, (0, 0), layer.groups, (False, True, False))[1]
+
+
+def _set_weight_grads(layer: nn.Module, a: Tensor, g_z: Tensor) -> None:
+    """``.grad`` of a Linear or Conv2d layer from (an estimate of) ∂L/∂z and its input
+    ``a``, exactly as backprop forms them."""
+    if isinstance(layer, nn.Conv2d):  # the correlation of ∂L/∂z with the input
+        _set_grad(layer.weight, _conv_weight_grad(layer, a, g_z))
+        bias = g_z.sum((0, 2, 3))  # over the batch and the positions
+    else:
+        _set_grad(layer.weight, g_z.t() @ a)
+        bias = g_z.sum(0)
+    if layer.bias is not None:
+        _set_grad(layer.bias, bias)
+
+
+class _Step(NamedTuple):
+    """One layer of the primal pass: its input and what its tangent rule needs (the
+    output of a Linear, Conv2d or ReLU layer, the argmax indices of a MaxPool2d)."""
+    layer: nn.Module
+    input: Tensor
+    saved: Optional[Tensor]
+
+
+def _primal(model: nn.Sequential, x: Tensor) -> tuple[Tensor, list[_Step]]:
+    """The logits of ``model`` at ``x``, and every layer's ``_Step``."""
+    h, steps = x, []
+    for layer in model:
+        if isinstance(layer, nn.MaxPool2d):
+            out, saved = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                                      layer.ceil_mode, return_indices=True)
+        else:
+            out = F.relu(h) if isinstance(layer, nn.ReLU) else layer(h)
+            saved = None if isinstance(layer, nn.Flatten) else out
+        steps.append(_Step(layer, h, saved))
+        h = out
+    return h, steps
+
+
+def _tangent(step: _Step, dh: Optional[Tensor], u: Optional[Tensor]) -> Optional[Tensor]:
+    """The tangent after ``step.layer`` from ``dh``, the one before it (None: zero), plus
+    the layer's own tangent ``u`` on the output of a Linear or Conv2d layer."""
+    layer = step.layer
+    if isinstance(layer, nn.Linear):  # ż = W ḣ + u
+        return u if dh is None else torch.addmm(u, dh, layer.weight.t())
+    if isinstance(layer, nn.Conv2d):  # ż = W ⋆ ḣ + u: the convolution without its bias
+        return u if dh is None else F.conv2d(dh, layer.weight, None, layer.stride, layer.padding, layer.dilation,
+                                             layer.groups).add_(u)
+    if dh is None:
+        return None
+    if isinstance(layer, nn.ReLU):  # ḣ·[h > 0]; relu's output is ≥ 0, so its sign is that mask
+        return dh * step.saved.sign()  # (and a float one: a bool mask is 4× slower)
+    if isinstance(layer, nn.MaxPool2d):  # each window's output is its input at the argmax
+        return dh.flatten(2).gather(2, step.saved.flatten(2)).view(step.saved.shape)
+    return layer(dh)  # Flatten
+
+
+def _push(steps: list[_Step], tangents: Sequence[Tensor]) -> Tensor:
+    """The tangent pass: the logits' derivative along ``tangents``, one per Linear and
+    Conv2d output, in the order of the layers."""
+    us, dh = iter(tangents), None
+    for step in steps:
+        dh = _tangent(step, dh, next(us) if isinstance(step.layer, _WEIGHTED) else None)
+    return dh
+
+
+@torch.no_grad()
+def activity_jvp(model: nn.Sequential, x: Tensor, tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The logits of a Sequential ``model`` at ``x`` and their derivative when the output
+    of every Linear and Conv2d layer moves along its tangent (``tangents``, one per such
+    layer in order, each shaped like the output): the forward-mode pass of
+    ``ActivityGradient``, by hand, with no autograd."""
+    reason = "a LocalMLP has local losses" if isinstance(model, LocalMLP) else _unsupported(model)
+    if reason is not None:
+        raise ValueError(f"activity_jvp takes an nn.Sequential that activity perturbation supports: {reason}.")
+    logits, steps = _primal(model, x)
+    perturbed = [s for s in steps if isinstance(s.layer, _WEIGHTED)]
+    shapes = [tuple(t.shape) for t in tangents]
+    if shapes != [tuple(s.saved.shape) for s in perturbed]:
+        raise ValueError(f"tangents of shapes {shapes} do not match the outputs of the Linear and Conv2d layers, "
+                         f"{[tuple(s.saved.shape) for s in perturbed]}.")
+    return logits, _push(steps, tangents)
+
+
+def _layout(flat: Tensor, like: Tensor) -> Tensor:
+    """``flat`` (``like.numel()`` entries) with ``like``'s shape, channels-last if it is."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        B, C, H, W = like.shape
+        return flat.view(B, H, W, C).permute(0, 3, 1, 2)
+    return flat.view(like.shape)
 
 
 def _output_error(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,7 +282,8 @@ class ActivityGradient:
     any ``torch.optim`` optimizer takes the step. For an ``nn.Sequential`` MLP it
     estimates the gradient of the mean cross-entropy (FG-A); for a ``LocalMLP`` that of
     the sum of its local losses (LG-FG-A, ``LocalMLP.local_losses``). One forward-mode
-    pass, no autograd graph: everything runs under ``torch.no_grad()``.
+    pass, no autograd graph: everything runs under ``torch.no_grad()``. A Sequential may
+    have convolutions (``ConvNet``): their outputs are perturbed too.
 
     ``sampler`` draws the per-example tangents: ``"rademacher"`` (±1) or ``"gaussian"``.
     """
@@ -140,9 +291,10 @@ class ActivityGradient:
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy, *,
                  sampler: str = "rademacher", generator: Optional[torch.Generator] = None) -> None:
         if not isinstance(model, nn.Module) or not supports(model):
-            raise ValueError(f"activity perturbation supports a LocalMLP or an nn.Sequential of Flatten, Linear "
-                             f"and ReLU layers ending in Linear, not {type(model).__name__}; use perturb='weights' "
-                             "(ForwardGradient) for other models.")
+            reason = _unsupported(model) if isinstance(model, nn.Module) else f"{type(model).__name__} is no nn.Module"
+            raise ValueError(f"activity perturbation supports a LocalMLP or an nn.Sequential of "
+                             f"{', '.join(t.__name__ for t in _LAYERS)} layers ending in Linear: {reason}. Use "
+                             "perturb='weights' (ForwardGradient) for other models.")
         if loss_fn is not cross_entropy and loss_fn is not F.cross_entropy:
             raise ValueError(f"activity perturbation needs each example's loss derivative, which it has in closed "
                              f"form for cross-entropy only; loss_fn={getattr(loss_fn, '__name__', loss_fn)!r} "
@@ -152,10 +304,10 @@ class ActivityGradient:
         self.model, self.loss_fn, self.sampler, self.generator = model, loss_fn, sampler, generator
         self._buffer: Optional[Tensor] = None
 
-    def tangents(self, batch: int, widths: list[int], like: Tensor) -> list[Tensor]:
-        """Fresh per-example tangents, one ``batch × width`` matrix per perturbed layer,
-        all drawn in one call into one reused buffer."""
-        total = -(-batch * sum(widths) // 64) * 64
+    def _draw(self, n: int, like: Tensor) -> Tensor:
+        """At least ``n`` fresh tangent entries (``like``'s dtype and device), in one call
+        into one reused buffer."""
+        total = -(-n // 64) * 64
         if self._buffer is None or self._buffer.numel() != total or self._buffer.dtype != like.dtype \
                 or self._buffer.device != like.device:
             self._buffer = torch.empty(total, dtype=like.dtype, device=like.device)
@@ -163,10 +315,26 @@ class ActivityGradient:
             self._buffer.normal_(generator=self.generator)
         else:
             rademacher_(self._buffer, self.generator)
+        return self._buffer
+
+    def tangents(self, batch: int, widths: list[int], like: Tensor) -> list[Tensor]:
+        """Fresh per-example tangents, one ``batch × width`` matrix per perturbed layer,
+        all drawn in one call into one reused buffer."""
+        flat = self._draw(batch * sum(widths), like)
         out, offset = [], 0
         for width in widths:
-            out.append(self._buffer[offset:offset + batch * width].view(batch, width))
+            out.append(flat[offset:offset + batch * width].view(batch, width))
             offset += batch * width
+        return out
+
+    def tangents_like(self, outputs: Sequence[Tensor]) -> list[Tensor]:
+        """Fresh per-example tangents, one shaped and laid out (channels-last or not) like
+        each of ``outputs``, all drawn in one call into one reused buffer."""
+        flat = self._draw(sum(z.numel() for z in outputs), outputs[0])
+        out, offset = [], 0
+        for z in outputs:
+            out.append(_layout(flat[offset:offset + z.numel()], z))
+            offset += z.numel()
         return out
 
     @torch.no_grad()
@@ -181,28 +349,16 @@ class ActivityGradient:
                              f"shape {tuple(y.shape)}: {str(exc).splitlines()[0]}") from exc
 
     def _global(self, x: Tensor, y: Tensor) -> Tensor:
-        """FG-A on a Sequential MLP: every pre-activation perturbed, one pass, global loss."""
-        linears = [layer for layer in self.model if isinstance(layer, nn.Linear)]
-        us = iter(self.tangents(len(x), [layer.out_features for layer in linears], x))
-        h, dh, inputs = x, None, []
-        for layer in self.model:
-            if isinstance(layer, nn.Linear):
-                u = next(us)
-                inputs.append((layer, h, u))
-                # ż = W ḣ + u: the tangent from the layers below plus this layer's own
-                h, dh = F.linear(h, layer.weight, layer.bias), (u if dh is None else torch.addmm(u, dh, layer.weight.t()))
-            elif isinstance(layer, nn.ReLU):
-                dh = dh * (h > 0)
-                h = F.relu(h)
-            else:
-                h, dh = layer(h), (None if dh is None else layer(dh))
-        loss, error = _output_error(h, y)
-        d = (error * dh).sum(1, keepdim=True)  # each example's directional derivative d_b
-        for layer, a, u in inputs:
-            g_z = u * d  # the estimate of ∂L/∂z, example by example
-            _set_grad(layer.weight, g_z.t() @ a)
-            if layer.bias is not None:
-                _set_grad(layer.bias, g_z.sum(0))
+        """FG-A on a Sequential network: every Linear and Conv2d output perturbed, one
+        forward-mode pass, global loss."""
+        logits, steps = _primal(self.model, x)
+        perturbed = [s for s in steps if isinstance(s.layer, _WEIGHTED)]
+        us = self.tangents_like([s.saved for s in perturbed])
+        loss, error = _output_error(logits, y)
+        d = (error * _push(steps, us)).sum(1)  # each example's directional derivative d_b
+        for step, u in zip(perturbed, us):
+            g_z = u * d.view(-1, *[1] * (u.dim() - 1))  # the estimate of ∂L/∂z, example by example
+            _set_weight_grads(step.layer, step.input, g_z)
         return loss
 
     def _local(self, x: Tensor, y: Tensor) -> Tensor:

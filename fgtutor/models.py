@@ -42,10 +42,10 @@ def init_(model: nn.Module, scheme: str = "pytorch") -> nn.Module:
     r"""Initialise every linear and convolutional layer of ``model`` in place; returns it.
 
     - ``"pytorch"`` keeps PyTorch's default: weight and bias entries uniform on
-      $\pm 1/\sqrt{\text{fan\_in}}$, a weight standard deviation of $1/\sqrt{3\,\text{fan\_in}}$.
+      :math:`\pm 1/\sqrt{n_\text{in}}`, a weight standard deviation of :math:`1/\sqrt{3 n_\text{in}}`.
     - ``"kaiming"`` is He et al.'s initialisation for ReLU networks: weights
-      $\mathcal N(0, 2/\text{fan\_in})$ and zero biases, $\sqrt 6 \approx 2.45$ times the
-      default's scale, so that activations keep their size through the ReLUs.
+      :math:`\mathcal N(0, 2/n_\text{in})` and zero biases, :math:`\sqrt 6 \approx 2.45` times
+      the default's scale, so that activations keep their size through the ReLUs.
 
     The new weights come from the global generator, which ``train_model`` seeds.
     """

@@ -476,3 +476,35 @@ def plot_ablation_curves(groups: Mapping[str, Mapping[str, History]], baseline: 
     for ax in axes[-cols:]:
         ax.set_xlabel("epoch")
     return fig
+
+
+def plot_against_references(groups: Mapping[str, Sequence[History]], references: Mapping[str, Mapping[str, float]],
+                            column: str = "test_accuracy", xlabel: str = "test accuracy") -> Figure:
+    """One panel per estimator: each seed's final ``column`` (dots), their mean (a bar)
+    and the numbers to beat (``references[label][name]``, e.g. a target and a published
+    number) as labelled vertical lines. Panels have their own scales, so that a spread of
+    0.002 stays visible beside estimators 0.07 apart."""
+    _check_mapping("groups", groups, "a list of Histories, one per seed", empty_ok=False)
+    _check_mapping("references", references, "a dict of reference name -> value")
+    fig = _figure(figsize=(8, 1.1 * len(groups) + 0.8))
+    axes = np.atleast_1d(fig.subplots(len(groups), 1))
+    styles = {}
+    for ax, (label, group) in zip(axes, groups.items()):
+        if isinstance(group, History) or not group or not all(isinstance(r, History) for r in group):
+            raise ValueError(f"groups[{label!r}]={short_repr(group)} is not allowed: use a non-empty list of "
+                             "Histories, one per seed.")
+        finals = [np.nan if run.diverged else run.epochs[-1][column] for run in group]
+        ax.scatter(finals, np.zeros(len(finals)), color="tab:blue", s=40, zorder=3, label="a seed")
+        ax.plot([np.nanmean(finals)] * 2, [-0.3, 0.3], color="tab:blue", lw=3, label="mean of the seeds")
+        for name, value in references.get(label, {}).items():
+            style = styles.setdefault(name, dict(color=f"C{len(styles) + 1}", ls=("--", ":", "-.")[len(styles) % 3]))
+            ax.axvline(check_number(f"references[{label!r}][{name!r}]", value), lw=1.5, label=name, **style)
+        values = [v for v in (*finals, *references.get(label, {}).values()) if np.isfinite(v)]
+        pad = max(0.002, 0.15 * (max(values) - min(values)))
+        ax.set(xlim=(min(values) - pad, max(values) + pad), ylim=(-1, 1), yticks=[])
+        ax.set_ylabel(str(label), rotation=0, ha="right", va="center")
+        ax.grid(axis="x", alpha=0.3)
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), loc="outside upper center", ncols=len(handles), fontsize=9)
+    axes[-1].set_xlabel(xlabel)
+    return fig

@@ -426,3 +426,23 @@ def test_plot_ablation_curves_draws_a_panel_per_ingredient_with_the_baseline_in_
         plots.plot_ablation_curves(groups, None)
     with pytest.raises(ValueError, match="groups"):
         plots.plot_ablation_curves({}, base)
+
+
+def final_run(accuracy: float) -> History:
+    return History(epochs=[{"epoch": 1, "test_accuracy": accuracy}])
+
+
+def test_plot_against_references_draws_each_seed_the_mean_and_every_reference_per_estimator():
+    groups = {"FG-W": [final_run(a) for a in (0.90, 0.91, 0.92)], "FG-A": [final_run(0.97), final_run(0.98)]}
+    references = {"FG-W": {"target": 0.915, "published": 0.9091}, "FG-A": {"target": 0.97}}
+    fig = plots.plot_against_references(groups, references)
+    panels = fig.axes
+    assert [ax.get_ylabel() for ax in panels] == ["FG-W", "FG-A"]
+    assert [len(ax.collections[0].get_offsets()) for ax in panels] == [3, 2]
+    mean_bar = panels[0].lines[0]
+    assert np.allclose(mean_bar.get_xdata(), 0.91)
+    verticals = sorted(line.get_xdata()[0] for line in panels[0].lines[1:])
+    assert verticals == [0.9091, 0.915]
+    assert panels[0].get_xlim()[0] < 0.90 and panels[1].get_xlim()[1] > 0.98  # own scales, every dot inside
+    with pytest.raises(ValueError, match=r"groups\['FG-A'\]"):
+        plots.plot_against_references({"FG-A": final_run(0.97)}, references)
