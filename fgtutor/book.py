@@ -109,13 +109,15 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "lr_factors": _list_of(check_positive, "[0.316, 1.0, 3.16]"),
         "fgw_lrs": _list_of(check_positive, "[5e-4, 1.58e-3]"),
         "activity_lrs": _list_of(check_positive, "[1e-4, 1e-3]"),
+        "clip_lrs": _list_of(check_positive, "[5e-4, 1.58e-3]"),
+        "clipped_seeds": lambda name, value: check_seeds(name, value),
         "target_accuracy": _fraction,
     }
-    rules.update(dict.fromkeys(("lr", "forward_lr", "backprop_lr", "beale_lr", "rosenbrock_lr"), check_positive))
+    rules.update(dict.fromkeys(("lr", "forward_lr", "backprop_lr", "beale_lr", "rosenbrock_lr", "strong_lr"), check_positive))
     rules.update(dict.fromkeys(("beale_start", "rosenbrock_start", "sample_point"), _point))
     rules.update(dict.fromkeys((
         "epochs", "logreg_epochs", "schedule_epochs", "analysis_epochs", "short_epochs", "search_epochs",
-        "final_epochs", "fgw_epochs", "fgw_search_epochs", "batch_size", "large_batch", "n_train", "short_n_train", "search_n_train", "n_val",
+        "final_epochs", "fgw_epochs", "fgw_search_epochs", "strong_epochs", "batch_size", "large_batch", "n_train", "short_n_train", "search_n_train", "n_val",
         "smooth", "n_shuffles", "num_tangents", "cosine_draws", "warm_steps", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
         _positive_int))
     return rules
