@@ -138,6 +138,26 @@ def test_committed_runs_can_still_be_produced_by_todays_code(path):
     assert report["fingerprint"] <= FINGERPRINT_RTOL
 
 
+def standardized_samples() -> list:
+    """For each method, the committed run with standardized inputs that trains the fewest
+    images (the cheapest to check)."""
+    picked = {}
+    for path in store.stored_paths(ROOT / "results"):
+        config = read(path)["config"]
+        if config.get("inputs") == "standardized":
+            work = config["epochs"] * config["n_train"]
+            if work < picked.get(config["method"], (float("inf"), None))[0]:
+                picked[config["method"]] = (work, path)
+    return [path for _, path in sorted(picked.values(), key=lambda wp: wp[1])]
+
+
+def test_standardized_runs_of_both_methods_are_stored_and_replay():
+    samples = standardized_samples()
+    assert {read(p)["config"]["method"] for p in samples} == {"forward", "backprop"}
+    for path in samples:
+        assert check_replay(path, steps=50)["fingerprint"] <= FINGERPRINT_RTOL, path
+
+
 @pytest.mark.parametrize("name", OTHER_KERNELS)
 def test_committed_runs_replay_under_other_cpu_kernels_with_a_wide_margin(name):
     """Another CPU, emulated: the environment variables make torch, MKL and oneDNN use
