@@ -9,13 +9,16 @@ For each model, on the same batch and device, after warm-up, the median of repea
 * ``torch.func``: the same step through ``torch.func.jvp`` instead of the fast path;
 * ``estimators``: a training step of each estimator of ``fgtutor.activity`` beside
   backprop's, on the MLP (weight perturbation with 1 and 4 tangents, activity
-  perturbation) and the ``LocalMLP`` (local losses, and backprop of the same model).
+  perturbation, and the zeroth-order estimates of ``fgtutor.zeroth``: SPSA into
+  ``p.grad`` on perturbed copies, and MeZO in place with its fused step) and the
+  ``LocalMLP`` (local losses, and backprop of the same model).
 
 From these, the paper's cost ratios :math:`R_f` = forward-gradient step / forward pass and
 :math:`R_b` = backprop step / forward pass. It also measures the peak extra memory of one
-step (in a fresh process per configuration) and one epoch of data loading, in memory vs a
-torchvision ``DataLoader`` with ``ToTensor``. It prints tables and writes the numbers as
-JSON with the machine, torch version and thread count. Timings live here, never in tests.
+step (in a fresh process per configuration; backprop, forward gradient and MeZO) and one
+epoch of data loading, in memory vs a torchvision ``DataLoader`` with ``ToTensor``. It
+prints tables and writes the numbers as JSON with the machine, torch version and thread
+count. Timings live here, never in tests.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from .losses import cross_entropy
 from .models import MODELS, make_model
 from .optim import forward_step, sgd_along
 from .utils import atomic_write, check_choice, check_positive, check_writable, pick_device, synchronize
+from .zeroth import SAMPLERS as ZEROTH_SAMPLERS, ZerothOrderGradient, zeroth_step
 
 LR = 1e-6  # tiny, so that the weights barely move while they are timed
 PARTS = ("sample tangents", "forward-mode pass", "update")
@@ -146,8 +150,10 @@ def measure_steps(models=("mlp", "convnet"), batch: int = 64, repeats: int = 30,
 
 def estimator_steps(batch: int, device: torch.device, num_tangents: int = 4) -> dict[str, Callable[[], object]]:
     """A plain-SGD training step of every estimator, keyed by name: backprop, weight
-    perturbation (1 and ``num_tangents`` tangents) and activity perturbation on the MLP;
-    local losses (LG-FG-A) and backprop on the ``LocalMLP``."""
+    perturbation (1 and ``num_tangents`` tangents), activity perturbation and the
+    zeroth-order estimates (SPSA on perturbed copies into ``p.grad``, then
+    ``optimizer.step()``; MeZO in place with its fused step), all with Rademacher
+    directions, on the MLP; local losses (LG-FG-A) and backprop on the ``LocalMLP``."""
     fns = {}
     for model_name in ("mlp", "local_mlp"):
         model, optimizer, x, y = _setup(model_name, batch, device)
@@ -169,6 +175,9 @@ def estimator_steps(batch: int, device: torch.device, num_tangents: int = 4) -> 
                 estimate = ForwardGradient(model, cross_entropy, num_tangents=k)
                 fns[f"FG-W ×{k}"] = lambda e=estimate, o=optimizer, x=x, y=y: forward_step(e, o, x, y)
             fns["FG-A"] = perturb_activities
+            for name, in_place in (("SPSA ×1", False), ("MeZO ×1", True)):
+                estimate = ZerothOrderGradient(model, cross_entropy, sampler="rademacher", in_place=in_place)
+                fns[name] = lambda e=estimate, o=optimizer, x=x, y=y: zeroth_step(e, o, x, y)
         else:
             fns["LG-FG-A"] = perturb_activities
     return fns
@@ -209,14 +218,22 @@ def _rss_mb(field: str) -> float:
 
 
 def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler: str) -> float:
-    """Peak extra memory (MB) of one training step, measured in this (fresh) process."""
+    """Peak extra memory (MB) of one training step, measured in this (fresh) process.
+    ``method="zeroth"`` is a MeZO step (in place, fused SGD; Rademacher directions unless
+    ``sampler`` is ``"gaussian"``)."""
     dev = pick_device(device)
     model, optimizer, x, y = _setup(model_name, batch, dev)
-    estimate = ForwardGradient(model, cross_entropy, sampler=sampler)
+    if method == "zeroth":
+        estimate = ZerothOrderGradient(model, cross_entropy, in_place=True,
+                                       sampler=sampler if sampler in ZEROTH_SAMPLERS else "rademacher")
+    else:
+        estimate = ForwardGradient(model, cross_entropy, sampler=sampler)
 
     def step():
         if method == "forward":
             forward_step(estimate, optimizer, x, y)
+        elif method == "zeroth":
+            zeroth_step(estimate, optimizer, x, y)
         else:
             optimizer.zero_grad()
             cross_entropy(model(x), y).backward()
@@ -235,11 +252,20 @@ def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler
     return _rss_mb("VmHWM") - before
 
 
+MEMORY_METHODS = ("backprop", "forward", "zeroth")
+
+
 def measure_memory(models=("mlp", "convnet"), batches=(64, 4096), device: str = "auto",
-                   sampler: str = "rademacher", progress: Optional[Callable[[str], None]] = print) -> pd.DataFrame:
+                   sampler: str = "rademacher", progress: Optional[Callable[[str], None]] = print,
+                   methods=("backprop", "forward")) -> pd.DataFrame:
     """Peak extra memory (MB) of one step per model, method and batch size, each measured in
     a fresh Python process so that no earlier allocation hides it. On the CPU this reads the
-    process's peak resident size (Linux only); on CUDA, the allocator's peak."""
+    process's peak resident size (Linux only); on CUDA, the allocator's peak. ``methods``
+    (from ``MEMORY_METHODS``; backprop is always measured, as the reference) adds a
+    ``<method> MB`` column and its ratio ``<method> / backprop`` for each."""
+    methods = ["backprop", *(m for m in methods if m != "backprop")]
+    for method in methods:
+        check_choice("methods entry", method, MEMORY_METHODS)
     dev = pick_device(device)
     if dev.type == "cpu" and not Path("/proc/self/clear_refs").exists():
         raise RuntimeError("CPU memory is measured through /proc (Linux); use --skip memory here.")
@@ -249,7 +275,7 @@ def measure_memory(models=("mlp", "convnet"), batches=(64, 4096), device: str = 
     for name in models:
         for batch in batches:
             row = {"model": name, "batch": batch}
-            for method in ("backprop", "forward"):
+            for method in methods:
                 if progress:
                     progress(f"memory of one {method} step: {name}, batch {batch} ...")
                 out = subprocess.run([sys.executable, "-m", "fgtutor.bench", "--probe-memory", name, method,
@@ -257,7 +283,8 @@ def measure_memory(models=("mlp", "convnet"), batches=(64, 4096), device: str = 
                 if out.returncode != 0:
                     raise RuntimeError(f"memory probe failed for {name} {method} {batch}:\n{out.stderr[-2000:]}")
                 row[f"{method} MB"] = float(out.stdout.strip().splitlines()[-1])
-            row["forward / backprop"] = row["forward MB"] / row["backprop MB"]
+            for method in methods[1:]:
+                row[f"{method} / backprop"] = row[f"{method} MB"] / row["backprop MB"]
             rows.append(row)
     return pd.DataFrame(rows).set_index(["model", "batch"])
 
@@ -364,7 +391,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\nMedian milliseconds to draw one MLP-sized tangent (1,863,690 numbers):")
     print(sampling.round(3).to_string())
     if "memory" not in args.skip:
-        memory = measure_memory(args.models, (args.batch[0], args.large_batch), args.device, args.samplers[0])
+        memory = measure_memory(args.models, (args.batch[0], args.large_batch), args.device, args.samplers[0],
+                                methods=MEMORY_METHODS)
         results["memory"] = _frame_to_json(memory)
         print("\nPeak extra memory of one training step (MB):")
         print(memory.round(2).to_string())

@@ -65,7 +65,8 @@ from .data import INPUTS, load_mnist, prepare_inputs, train_val_split
 from .forward import SAMPLERS
 from .models import MODELS
 from .optim import check_schedule
-from .train import METHODS, OPTIMIZERS, PERTURB, History, train_model
+from .train import ALL_METHODS, EPS, OPTIMIZERS, PERTURB, History, train_model
+from .zeroth import SAMPLERS as ZEROTH_SAMPLERS, check_eps
 from .utils import atomic_write, check_choice, check_positive, check_type
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -74,7 +75,8 @@ MAX_CURVE_POINTS = 4000  # per-step losses are averaged in blocks down to about 
 FORMAT = 1
 
 #: every setting of a stored run, with its default. ``sampler``, ``num_tangents`` and
-#: ``clip`` concern forward gradient only and are ``None`` in a backprop run's config.
+#: ``clip`` concern the estimators only and are ``None`` in a backprop run's config; a
+#: zeroth-order run takes ``sampler`` and ``num_tangents`` (its directions) and no ``clip``.
 DEFAULTS = {
     "model": "mlp", "model_kwargs": {}, "method": "forward",
     "lr": 2e-4, "decay": 1e-4, "schedule_every": "step", "momentum": 0.0,
@@ -84,11 +86,14 @@ DEFAULTS = {
 }
 #: settings added after the first stored runs. A configuration holds them only when they
 #: differ from these defaults, so that the runs stored before them keep their keys.
-LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights", "inputs": "raw", "lr_schedule": "exp"}
+#: ``eps`` is the finite-difference step of ``method="zeroth"``: a setting of no other method.
+LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights", "inputs": "raw", "lr_schedule": "exp", "eps": EPS}
 #: settings of the data, not of training: ``config_data`` applies them, ``fit_kwargs`` leaves them out
 DATA_SETTINGS = ("inputs",)
 EVAL_SETS = ("val", "test")
 FORWARD_ONLY = ("sampler", "num_tangents", "clip")
+#: the methods that estimate the gradient from random directions, and so take FORWARD_ONLY
+ESTIMATORS = ("forward", "zeroth")
 
 
 class MissingRunsError(RuntimeError):
@@ -115,7 +120,7 @@ def run_config(**settings) -> dict:
                          f"the settings are: {', '.join([*DEFAULTS, *LATER_DEFAULTS])}.")
     c = {**DEFAULTS, **LATER_DEFAULTS, **settings}
     check_choice("model", c["model"], tuple(MODELS))
-    check_choice("method", c["method"], METHODS)
+    check_choice("method", c["method"], ALL_METHODS)
     check_choice("schedule_every", c["schedule_every"], ("step", "epoch"))
     check_choice("optimizer", c["optimizer"], OPTIMIZERS)
     check_choice("perturb", c["perturb"], PERTURB)
@@ -154,9 +159,18 @@ def run_config(**settings) -> dict:
         if c["perturb"] == "activities" and (c["num_tangents"] != 1 or c["clip"] is not None or c["sampler"] == "rank1"):
             raise ValueError("perturb='activities' takes one tangent, no clip and a 'rademacher' or 'gaussian' "
                              "sampler; num_tangents, clip and 'rank1' belong to perturb='weights'.")
+    elif c["method"] == "zeroth":
+        check_choice("sampler", c["sampler"], ZEROTH_SAMPLERS)
+        check_positive("num_tangents", c["num_tangents"], integer=True)
+        if c["clip"] is not None or c["perturb"] != "weights":
+            raise ValueError(f"method='zeroth' perturbs the weights and clips nothing (got perturb={c['perturb']!r}, "
+                             f"clip={c['clip']}); perturb='activities' and clip belong to method='forward'.")
+        c["eps"] = check_eps(c["eps"])
     else:
         c.update(dict.fromkeys(FORWARD_ONLY))
         c["perturb"] = LATER_DEFAULTS["perturb"]
+    if c["method"] != "zeroth":  # not a setting of theirs: it never splits their runs
+        c["eps"] = LATER_DEFAULTS["eps"]
     for name, default in LATER_DEFAULTS.items():
         if c[name] == default:
             del c[name]
@@ -219,9 +233,11 @@ def describe(config: dict) -> str:
     config = run_config(**config)
     extra = "".join(f" {k}={v}" for k, v in config["model_kwargs"].items())
     extra += "".join(f" {k}={config[k]}" for k in ("momentum", "clip") if config[k])
-    extra += "".join(f" {config[k]}" for k in LATER_DEFAULTS if k in config)
-    if config["method"] == "forward" and (config["sampler"] != "rademacher" or config["num_tangents"] != 1):
+    extra += "".join(f" {config[k]}" for k in LATER_DEFAULTS if k in config and k != "eps")
+    if config["method"] in ESTIMATORS and (config["sampler"] != "rademacher" or config["num_tangents"] != 1):
         extra += f" {config['sampler']}×{config['num_tangents']}"
+    if config["method"] == "zeroth":
+        extra += f" eps={config.get('eps', LATER_DEFAULTS['eps']):.3g}"
     if config["schedule_every"] != "step":
         extra += f" decay per {config['schedule_every']}"
     return (f"{config['model']} {config['method']} lr={config['lr']:.3g} decay={config['decay']:.3g}{extra} "
@@ -349,7 +365,7 @@ def fit_kwargs(config: dict) -> dict:
     """The keyword arguments of ``train_model`` that a configuration sets."""
     kwargs = dict(lr=config["lr"], decay=config["decay"], momentum=config["momentum"], epochs=config["epochs"],
                   batch_size=config["batch_size"], seed=config["seed"], schedule_every=config["schedule_every"])
-    if config["method"] == "forward":
+    if config["method"] in ESTIMATORS:
         kwargs.update({k: config[k] for k in FORWARD_ONLY})
     kwargs.update({k: config[k] for k in LATER_DEFAULTS if k in config and k not in DATA_SETTINGS})
     return kwargs

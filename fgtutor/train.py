@@ -1,10 +1,11 @@
-"""Training and evaluation loops shared by both methods.
+"""Training and evaluation loops shared by every method.
 
 ``fit`` runs forward gradient and backprop through the *same* loop: the same model, data
 order (a generator seeded with ``seed``), loss, optimizer, schedule and evaluation. What
 differs is the training step: backprop fills ``p.grad`` with ``loss.backward()``; forward
 gradient estimates it in one forward-mode pass (``fgtutor.optim.forward_step``), and with
-plain SGD fuses the estimate into the update. ``train_model`` is the one-call
+plain SGD fuses the estimate into the update; ``"zeroth"`` estimates it from two ordinary
+forward passes (MeZO, ``fgtutor.zeroth.zeroth_step``). ``train_model`` is the one-call
 version the chapters use: it seeds, builds the model, SGD and the paper's schedule.
 """
 from __future__ import annotations
@@ -36,10 +37,17 @@ from .forward import ForwardGradient
 from .losses import cross_entropy
 from .models import MODELS, count_parameters, make_model
 from .optim import check_schedule, forward_step, fuses, make_schedule
+from .zeroth import ZerothOrderGradient, check_eps, zeroth_step
 from .utils import (atomic_write, check_callable, check_choice, check_frame, check_positive, check_type,
                     make_generator, pick_device, seed_everything, short_repr, synchronize)
 
+#: the two methods the book compares, in the order its tables show them
 METHODS = ("forward", "backprop")
+#: every method ``fit`` takes: those two and ``"zeroth"``, two-point zeroth-order estimates
+#: (SPSA) taken the MeZO way (``fgtutor.zeroth``)
+ALL_METHODS = (*METHODS, "zeroth")
+#: the finite-difference step of ``method="zeroth"`` unless ``eps`` says otherwise
+EPS = 1e-3
 #: what a forward gradient perturbs: all weights at once (``ForwardGradient``, FG-W) or
 #: every layer's activities (``ActivityGradient``: FG-A, or LG-FG-A on a ``LocalMLP``)
 PERTURB = ("weights", "activities")
@@ -224,6 +232,7 @@ def fit(
     num_tangents: int = 1,
     clip: Optional[float] = None,
     perturb: str = "weights",
+    eps: float = EPS,
     schedule_every: str = "step",
     eval_batch_size: int = 1000,
     progress: bool = True,
@@ -232,7 +241,7 @@ def fit(
     checkpoint: Union[str, Path, None] = None,
     on_epoch: Optional[Callable[[dict], bool]] = None,
 ) -> History:
-    """Train ``model`` with ``method`` = ``"forward"`` or ``"backprop"`` and record a History.
+    """Train ``model`` with ``method`` = ``"forward"``, ``"backprop"`` or ``"zeroth"`` and record a History.
 
     Each step: ``.grad`` from ``loss.backward()`` (backprop) or from the forward-gradient
     estimate (which overwrites it: nothing to zero), then ``optimizer.step()`` and ``schedule.step()``
@@ -250,6 +259,13 @@ def fit(
     ``.grad`` by perturbing every layer's activities instead of the weights
     (``fgtutor.activity.ActivityGradient``; on a ``LocalMLP`` with its local losses),
     with one tangent and no clipping.
+
+    ``method="zeroth"`` estimates ``.grad`` from the losses at ``θ ± eps·v_k`` alone
+    (``num_tangents`` directions ``v_k`` drawn by ``sampler``, ``"rademacher"`` or
+    ``"gaussian"``), MeZO's way (``fgtutor.zeroth``): the weights are moved in place and
+    restored bit for bit, and with plain SGD the update is fused, ``θ ← θ − lr·p·v``, so
+    ``p.grad`` is never written; other optimizers get the estimate in ``p.grad``. Its step
+    losses are the means of the perturbed losses, within O(eps²) of the loss at θ.
 
     The data order comes from a generator seeded with ``seed`` and the tangents from a
     second one seeded with ``seed + 1``, so two runs with the same seed see the same
@@ -273,7 +289,7 @@ def fit(
     any) is kept, so that the same run can be continued later.
     """
     check_type("model", model, nn.Module, "a torch.nn.Module")
-    check_choice("method", method, METHODS)
+    check_choice("method", method, ALL_METHODS)
     check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim optimizer over the model's parameters")
     if eval_sets is not None:
         check_type("eval_sets", eval_sets, dict, 'a dict of named (X, Y) pairs, e.g. {"test": (X_test, Y_test)}')
@@ -289,6 +305,12 @@ def fit(
     if method == "forward" and perturb == "activities" and (num_tangents != 1 or clip is not None):
         raise ValueError(f"perturb='activities' takes one tangent and no clip (got num_tangents={num_tangents}, "
                          f"clip={clip}); these settings belong to perturb='weights'.")
+    check_eps(eps)
+    if method == "zeroth" and (perturb != "weights" or clip is not None):
+        raise ValueError(f"method='zeroth' perturbs the weights and clips nothing (got perturb={perturb!r}, "
+                         f"clip={clip}); perturb='activities' and clip belong to method='forward'.")
+    if method != "zeroth" and eps != EPS:
+        raise ValueError(f"eps={eps!r} is the finite-difference step of method='zeroth', not of method={method!r}.")
     if max_steps is not None:
         check_positive("max_steps", max_steps, integer=True)
     if not any(p.requires_grad for p in model.parameters()):
@@ -309,6 +331,7 @@ def fit(
         "loss": getattr(loss_fn, "__name__", repr(loss_fn)),
         **({"sampler": sampler, "num_tangents": num_tangents, "clip": clip} if method == "forward" else {}),
         **({"perturb": perturb} if method == "forward" and perturb != "weights" else {}),
+        **({"sampler": sampler, "num_tangents": num_tangents, "eps": eps} if method == "zeroth" else {}),
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "python": platform.python_version(), **(meta or {}),
     })
@@ -323,6 +346,12 @@ def fit(
 
         def train_step(x: Tensor, y: Tensor) -> Tensor:
             return forward_step(estimate, optimizer, x, y, fused=fused)
+    elif method == "zeroth":
+        estimate = ZerothOrderGradient(model, loss_fn, eps=eps, num_directions=num_tangents, sampler=sampler,
+                                       generator=make_generator(seed + 1, device), in_place=True)
+
+        def train_step(x: Tensor, y: Tensor) -> Tensor:
+            return zeroth_step(estimate, optimizer, x, y)
     else:
         def train_step(x: Tensor, y: Tensor) -> Tensor:
             optimizer.zero_grad()
@@ -344,7 +373,7 @@ def fit(
         history.epochs.append({**row, "train_seconds": train_seconds, "eval_seconds": eval_seconds})
 
     generators = {"data_order": data_order}
-    if method == "forward":
+    if method in ("forward", "zeroth"):
         generators["tangents"] = estimate.generator
     first_epoch = 1
     if checkpoint is not None and Path(checkpoint).exists():
@@ -382,7 +411,8 @@ def fit(
                 history.message = (
                     f"{method} diverged: the training loss became {loss} at epoch {epoch}, step "
                     f"{len(history.step_loss)} (lr {optimizer.param_groups[0]['lr']:.3g}). Lower the learning "
-                    "rate" + (", use more tangents or set clip." if method == "forward" else ".")
+                    "rate" + {"forward": ", use more tangents or set clip.",
+                              "zeroth": " or use more directions (num_tangents)."}.get(method, ".")
                 )
                 break
             if schedule is not None and schedule_every == "step":
@@ -492,7 +522,7 @@ def train_model(
     initial weights on the same batches: the fair comparison. ``kwargs`` go to ``fit``.
     """
     _check_constructor(model)
-    check_choice("method", method, METHODS)  # here too: before seeding and building anything
+    check_choice("method", method, ALL_METHODS)  # here too: before seeding and building anything
     check_positive("lr", lr)
     check_positive("epochs", epochs, integer=True)  # both size the cosine schedule, before fit sees them
     check_positive("batch_size", batch_size, integer=True)

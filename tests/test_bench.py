@@ -37,7 +37,8 @@ def test_measure_sampling_times_the_three_samplers():
 
 def test_measure_estimators_times_a_step_of_every_estimator_against_backprop():
     frame = bench.measure_estimators(batch=2, repeats=1, warmup=0, device="cpu")
-    assert list(frame.index) == ["backprop", "FG-W ×1", "FG-W ×4", "FG-A", "backprop, local MLP", "LG-FG-A"]
+    assert list(frame.index) == ["backprop", "FG-W ×1", "FG-W ×4", "FG-A", "SPSA ×1", "MeZO ×1",
+                                 "backprop, local MLP", "LG-FG-A"]
     assert (frame["ms"] > 0).all()
     assert frame.loc["backprop", "× backprop step"] == 1
     assert frame.loc["FG-A", "× backprop step"] == pytest.approx(frame.loc["FG-A", "ms"] / frame.loc["backprop", "ms"])
@@ -48,6 +49,15 @@ def test_measure_memory_probes_each_method_in_a_fresh_process():
     row = memory.loc[("logreg", 4)]
     assert row["backprop MB"] >= 0 and row["forward MB"] >= 0
     assert row["forward / backprop"] == pytest.approx(row["forward MB"] / row["backprop MB"])
+
+
+def test_measure_memory_probes_the_zeroth_order_step_when_asked_and_names_an_unknown_method():
+    memory = bench.measure_memory(["logreg"], (4,), device="cpu", progress=None, methods=bench.MEMORY_METHODS)
+    row = memory.loc[("logreg", 4)]
+    assert list(row.index) == ["backprop MB", "forward MB", "zeroth MB", "forward / backprop", "zeroth / backprop"]
+    assert row["zeroth MB"] >= 0 and row["zeroth / backprop"] == pytest.approx(row["zeroth MB"] / row["backprop MB"])
+    with pytest.raises(ValueError, match="methods entry='adjoint'"):
+        bench.measure_memory(["logreg"], (4,), device="cpu", progress=None, methods=("adjoint",))
 
 
 def test_main_prints_tables_and_writes_json_with_the_machine(tmp_path, capsys):
