@@ -25,3 +25,13 @@ def seeded(factory, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory().double()
+
+
+def quadratic(dim: int = 5, seed: int = 0, dtype=torch.float64):
+    """f(θ) = ½θᵀAθ + bᵀθ with A symmetric positive definite; returns (f, θ, ∇f(θ))."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(dim, dim, generator=g, dtype=dtype)
+    A = M @ M.T + torch.eye(dim, dtype=dtype)
+    b = torch.randn(dim, generator=g, dtype=dtype)
+    theta = torch.randn(dim, generator=g, dtype=dtype)
+    return (lambda t: 0.5 * t @ A @ t + b @ t), theta, A @ theta + b

@@ -12,7 +12,7 @@ from fgtutor.forward import ForwardGradient, directional_derivative, forward_gra
 from fgtutor.tangents import RankOne, flat_buffer, sample_, sample_tangents
 from fgtutor.losses import cross_entropy
 from fgtutor.models import MLP, ConvNet
-from conftest import seeded
+from conftest import quadratic, seeded
 
 
 F64 = torch.float64
@@ -24,14 +24,6 @@ def batch(n: int = 4, seed: int = 0, shape=(1, 28, 28)):
     return torch.randn(n, *shape, generator=g, dtype=F64), torch.randint(0, 10, (n,), generator=g)
 
 
-def quadratic(dim: int = 5, seed: int = 0):
-    """f(θ) = ½θᵀAθ + bᵀθ with A symmetric positive definite; returns (f, θ, ∇f(θ))."""
-    g = torch.Generator().manual_seed(seed)
-    M = torch.randn(dim, dim, generator=g, dtype=F64)
-    A = M @ M.T + torch.eye(dim, dtype=F64)
-    b = torch.randn(dim, generator=g, dtype=F64)
-    theta = torch.randn(dim, generator=g, dtype=F64)
-    return (lambda t: 0.5 * t @ A @ t + b @ t), theta, A @ theta + b
 
 
 def xent_of(model: nn.Module, x, y, frozen=None):

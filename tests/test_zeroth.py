@@ -23,20 +23,12 @@ from fgtutor.replay import check_replay
 from fgtutor.store import LATER_DEFAULTS, describe, fit_kwargs, run_config, run_key, run_path, train_and_save
 from fgtutor.train import fit, train_model
 from fgtutor.zeroth import CHUNK, ZerothOrderGradient, directional_difference, zeroth_step
-from conftest import seeded
+from conftest import quadratic, seeded
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quadratic(dim: int = 5, seed: int = 0, dtype=F64):
-    """f(θ) = ½θᵀAθ + bᵀθ with A symmetric positive definite; returns (f, θ, ∇f(θ))."""
-    g = torch.Generator().manual_seed(seed)
-    M = torch.randn(dim, dim, generator=g, dtype=dtype)
-    A = M @ M.T + torch.eye(dim, dtype=dtype)
-    b = torch.randn(dim, generator=g, dtype=dtype)
-    theta = torch.randn(dim, generator=g, dtype=dtype)
-    return (lambda t: 0.5 * t @ A @ t + b @ t), theta, A @ theta + b
 
 
 def smooth(dtype):
