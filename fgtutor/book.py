@@ -103,6 +103,8 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "seeds": lambda name, value: check_seeds(name, value),
         "forward_lrs": _list_of(check_positive, "[1e-4, 1e-3]"),
         "backprop_lrs": _list_of(check_positive, "[0.01, 0.1]"),
+        "recipe_forward_lrs": _list_of(check_positive, "[1e-5, 1e-4]"),
+        "recipe_backprop_lrs": _list_of(check_positive, "[1e-4, 1e-3]"),
         "sample_sizes": _list_of(_positive_int, "[10, 100, 1000]"),
         "device": _one_of(*DEVICES),
         "grids": _grids, "tangent_counts": _list_of(_positive_int, "[1, 4, 16]"),
@@ -118,7 +120,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
     rules.update(dict.fromkeys((
         "epochs", "logreg_epochs", "schedule_epochs", "analysis_epochs", "short_epochs", "search_epochs",
         "final_epochs", "fgw_epochs", "fgw_search_epochs", "strong_epochs", "batch_size", "large_batch", "n_train", "short_n_train", "search_n_train", "n_val",
-        "smooth", "n_shuffles", "num_tangents", "cosine_draws", "warm_steps", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
+        "smooth", "max_rates", "n_shuffles", "num_tangents", "cosine_draws", "warm_steps", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
         _positive_int))
     return rules
 

@@ -612,6 +612,62 @@ def search_study(base: dict, grid: Sequence[float], *, storage: Optional[str] = 
     return s
 
 
+def search_inside(bases: dict[str, dict], grids: dict[str, Sequence[float]], *, storage: str,
+                  retrain: bool = False, device: str = "auto", max_rates: int = 8,
+                  log: Optional[Callable[[str], None]] = print) -> dict[str, pd.DataFrame]:
+    """Search the learning rate of every base (``name → settings but lr``) with the book's
+    grid study (``search_study`` over runs that ``store.train_runs`` trains first, every
+    base's runs in one batch so that they train in parallel), and grow a grid whose best
+    rate lies at its edge: the grid gains the next rate beyond that edge, one grid step
+    further (the ratio of the two rates at that edge), and is searched again, until every best
+    rate (lowest final validation loss; ``fgtutor.train.best_run``) lies inside its grid,
+    or the grid holds ``max_rates`` rates. A grid whose runs all diverged grows downwards.
+
+    Returns each base's ``study_table`` with the column ``best`` (the chosen row) and the
+    attribute ``attrs["at_edge"]`` (True only when ``max_rates`` stopped the growth)."""
+    from .store import train_runs  # the store trains; the study only reads
+    from .train import at_grid_edge
+
+    check_type("bases", bases, dict, "a dict: name → run settings without lr")
+    check_positive("max_rates", max_rates, integer=True)
+    if set(bases) != set(grids):
+        raise ValueError(f"bases names {sorted(bases)} and grids names {sorted(grids)} differ: give one grid per base.")
+    grids = {name: sorted(_grid(grid)) for name, grid in grids.items()}
+    for name, grid in grids.items():
+        if len(grid) < 2:
+            raise ValueError(f"grids[{name!r}]={grid} is not allowed: give at least two rates, so the grid has a step.")
+    tables: dict[str, pd.DataFrame] = {}
+    pending = list(bases)
+    while pending:
+        configs = [dict(bases[n], lr=lr) for n in pending for lr in grids[n]]
+        train_runs(configs, retrain=retrain, device=device)
+        retrain = False  # a grown grid retrains only its new rate
+        grown = []
+        for name in pending:
+            grid = grids[name]
+            table = study_table(search_study(bases[name], grid, storage=storage, log=None))
+            table["best"] = False
+            if (~table["diverged"] & table["val_loss"].notna()).any():
+                best = best_run(table)
+                table.loc[table["lr"] == best["lr"], "best"] = True
+                side = ("below" if best["lr"] == grid[0] else "above") if at_grid_edge(table, best) else None
+            else:
+                side = "below"
+            table.attrs["at_edge"] = side is not None
+            tables[name] = table
+            if side is None or len(grid) >= max_rates:
+                continue
+            new = grid[0] ** 2 / grid[1] if side == "below" else grid[-1] ** 2 / grid[-2]
+            new = float(f"{new:.3g}")
+            grids[name] = sorted([*grid, new])
+            grown.append(name)
+            if log:
+                log(f"{name}: the best rate is at the {'lower' if side == 'below' else 'upper'} edge of "
+                    f"{[float(f'{r:.3g}') for r in grid]}; adding {new:.3g}")
+        pending = grown
+    return tables
+
+
 # ---------------------------------------------------------------------------
 # Reading a study
 # ---------------------------------------------------------------------------
