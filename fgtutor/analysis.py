@@ -123,6 +123,21 @@ def time_to_accuracy(run: History, target: float, column: str = "test_accuracy",
     return _first_crossing(df[by].to_numpy(dtype=float), -df[column].to_numpy(dtype=float), -target)
 
 
+def value_at(run: History, at: float, column: str = "test_accuracy", by: str = "train_seconds") -> float:
+    """``column`` of ``run`` at ``by`` = ``at`` (training seconds, or ``"step"``,
+    ``"epoch"``), interpolated linearly between the epochs' evaluations; NaN outside
+    them (before the first evaluation or after the last). For comparing runs at an equal
+    budget of seconds or steps."""
+    _check_run("run", run)
+    at = check_number("at", at)
+    _check_recorded("run", run, (column, by))
+    df = pd.DataFrame(run.epochs)
+    x, y = df[by].to_numpy(dtype=float), df[column].to_numpy(dtype=float)
+    if not x[0] <= at <= x[-1]:
+        return float("nan")
+    return float(np.interp(at, x, y))
+
+
 def _first_crossing(times: np.ndarray, values: np.ndarray, target: float) -> float:
     """Where ``values`` first fall to ``target``, interpolated linearly between evaluations."""
     hit = np.flatnonzero(values <= target)

@@ -219,7 +219,8 @@ def _rss_mb(field: str) -> float:
 
 def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler: str) -> float:
     """Peak extra memory (MB) of one training step, measured in this (fresh) process.
-    ``method="zeroth"`` is a MeZO step (in place, fused SGD; Rademacher directions unless
+    ``method="inference"`` is one forward pass without gradients, the floor a training
+    step can reach; ``method="zeroth"`` is a MeZO step (in place, fused SGD; Rademacher directions unless
     ``sampler`` is ``"gaussian"``)."""
     dev = pick_device(device)
     model, optimizer, x, y = _setup(model_name, batch, dev)
@@ -230,7 +231,10 @@ def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler
         estimate = ForwardGradient(model, cross_entropy, sampler=sampler)
 
     def step():
-        if method == "forward":
+        if method == "inference":  # the reference: one forward pass, no gradient
+            with torch.no_grad():
+                model(x)
+        elif method == "forward":
             forward_step(estimate, optimizer, x, y)
         elif method == "zeroth":
             zeroth_step(estimate, optimizer, x, y)
@@ -252,7 +256,7 @@ def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler
     return _rss_mb("VmHWM") - before
 
 
-MEMORY_METHODS = ("backprop", "forward", "zeroth")
+MEMORY_METHODS = ("backprop", "forward", "zeroth", "inference")
 
 
 def measure_memory(models=("mlp", "convnet"), batches=(64, 4096), device: str = "auto",

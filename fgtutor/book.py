@@ -105,6 +105,10 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "backprop_lrs": _list_of(check_positive, "[0.01, 0.1]"),
         "recipe_forward_lrs": _list_of(check_positive, "[1e-5, 1e-4]"),
         "recipe_backprop_lrs": _list_of(check_positive, "[1e-4, 1e-3]"),
+        "zeroth_lrs": _list_of(check_positive, "[1e-4, 3e-4]"),
+        "eps_grid": _list_of(check_positive, "[1e-4, 1e-3]"),
+        "eps_values": _list_of(check_positive, "[1e-6, 1e-3]"),
+        "memory_batches": _list_of(_positive_int, "[64, 4096]"),
         "sample_sizes": _list_of(_positive_int, "[10, 100, 1000]"),
         "device": _one_of(*DEVICES),
         "grids": _grids, "tangent_counts": _list_of(_positive_int, "[1, 4, 16]"),
@@ -120,7 +124,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
     rules.update(dict.fromkeys((
         "epochs", "logreg_epochs", "schedule_epochs", "analysis_epochs", "short_epochs", "search_epochs",
         "final_epochs", "fgw_epochs", "fgw_search_epochs", "strong_epochs", "batch_size", "large_batch", "n_train", "short_n_train", "search_n_train", "n_val",
-        "smooth", "max_rates", "n_shuffles", "num_tangents", "cosine_draws", "warm_steps", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
+        "smooth", "max_rates", "eps_draws", "n_shuffles", "num_tangents", "cosine_draws", "warm_steps", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
         _positive_int))
     return rules
 

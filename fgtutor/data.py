@@ -7,8 +7,8 @@ holds out a reproducible validation set, ``batches`` yields mini-batches and
 ``standardize`` puts the pixels at zero mean and unit variance.
 
 Getting the files onto disk and into tensors is ``fgtutor.mnist``'s job;
-``load_mnist``, ``default_root`` and ``MNISTUnavailableError`` are re-exported
-here so that ``from fgtutor.data import load_mnist, train_val_split`` works.
+``load_mnist``, ``load_fashion_mnist``, ``default_root`` and ``MNISTUnavailableError``
+are re-exported here so that ``from fgtutor.data import load_mnist, train_val_split`` works.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from .mnist import MNISTUnavailableError, default_root, load_mnist
+from .mnist import MNISTUnavailableError, default_root, load_fashion_mnist, load_mnist
 from .utils import check_choice, check_generator, check_positive, check_type
 
-__all__ = ["train_val_split", "batches", "standardize", "prepare_inputs", "load_mnist", "default_root",
-           "MNISTUnavailableError"]
+__all__ = ["train_val_split", "batches", "standardize", "prepare_inputs", "load_mnist", "load_fashion_mnist",
+           "default_root", "MNISTUnavailableError"]
 
 #: MNIST's training-set pixel mean and standard deviation, as torchvision's
 #: ``Normalize((0.1307,), (0.3081,))`` and orobix/fwdgrad use them

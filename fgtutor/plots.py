@@ -133,7 +133,8 @@ def _curve_frame(runs: Mapping[str, Union[History, Sequence[History]]], eval_set
         n = min(len(df) for df in group)  # a diverged seed stops early: draw what all reached
         seconds = np.mean([df["train_seconds"].to_numpy()[:n] for df in group], axis=0)
         name = f"{label} ({len(group)} seeds)" if len(group) > 1 else label
-        frames += [pd.DataFrame({"run": name, "seed": i, "epoch": df["epoch"].to_numpy()[:n], "seconds": seconds,
+        frames += [pd.DataFrame({"run": name, "label": label, "seed": i, "epoch": df["epoch"].to_numpy()[:n],
+                                 "step": df["step"].to_numpy()[:n], "seconds": seconds,
                                  "loss": df[f"{eval_set}_loss"].to_numpy()[:n],
                                  "accuracy": df[f"{eval_set}_accuracy"].to_numpy()[:n]})
                    for i, df in enumerate(group)]
@@ -165,6 +166,56 @@ def plot_curves(runs: Mapping[str, Union[History, Sequence[History]]], eval_set:
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     axes[0, 0].legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_by_passes(runs: Mapping[str, Union[History, Sequence[History]]], passes: Mapping[str, float],
+                   eval_set: str = "test", title: str = "") -> Figure:
+    """Loss and accuracy on ``eval_set`` against the network passes that training took:
+    steps × ``passes[label]`` (e.g. 1 for a forward gradient's forward-mode pass, 2 for
+    a two-point zeroth-order estimate). A list of Histories (seeds) is drawn as its mean
+    with a band from the lowest to the highest seed."""
+    _check_mapping("passes", passes, "passes per training step, e.g. {'MeZO': 2}", empty_ok=False)
+    missing = sorted(set(runs) - set(passes))
+    if missing:
+        raise ValueError(f"passes has no entry for {', '.join(map(repr, missing))}: give each run's passes per step.")
+    for label, value in passes.items():
+        check_positive(f"passes[{label!r}]", value)
+    data = _curve_frame(runs, eval_set)
+    data["passes"] = data["step"] * data["label"].map(passes)
+    colors = dict(zip(dict.fromkeys(data["run"]), _colors(runs)))
+    fig = _figure(figsize=(10, 3.8))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for name, group in data.groupby("run", sort=False):
+            band = ("pi", 100) if group["seed"].nunique() > 1 else None
+            sns.lineplot(data=group, x="passes", y=metric, color=colors[name], errorbar=band, label=name,
+                         legend=metric == "loss", ax=ax)
+        ax.set(xlabel="network passes (steps × passes per step)", ylabel=f"{eval_set} {metric}")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_eps_error(errors: pd.DataFrame, title: str = "") -> Figure:
+    """The relative error of a central difference against the directional derivative it
+    estimates, against the step ε on log–log axes: one line per ``dtype`` (columns ``eps``,
+    ``dtype``, ``error``; several rows per ε, e.g. one per direction, give a band), and one
+    panel per ``model`` when there is such a column. Float rounding makes the error grow
+    like 1/ε on the left, the Taylor remainder like ε² on the right."""
+    check_frame("errors", errors, ["eps", "dtype", "error"], "a DataFrame with eps, dtype and error columns")
+    panels = list(dict.fromkeys(errors["model"])) if "model" in errors else [None]
+    fig = _figure(figsize=(5 * len(panels), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, panel in zip(axes, panels):
+        data = errors if panel is None else errors[errors["model"] == panel]
+        sns.lineplot(data=data, x="eps", y="error", hue="dtype", errorbar=("pi", 100), marker="o", markersize=4,
+                     ax=ax, legend=ax is axes[0])
+        ax.set(xscale="log", yscale="log", xlabel="finite-difference step ε", title=panel or "",
+               ylabel="relative error of the central difference")
+        ax.grid(alpha=0.3, which="both")
     if title:
         fig.suptitle(title)
     return fig

@@ -103,3 +103,12 @@ def test_time_to_loss_ratio_from_steps_times_a_measured_step_cost():
 def test_ms_per_step_is_the_median_so_one_slowed_run_does_not_move_it():
     group = [run([2.0, 1.0], [0, 1.0]), run([2.0, 1.0], [0, 1.1]), run([2.0, 1.0], [0, 9.0])]
     assert ms_per_step(group) == pytest.approx(110.0)  # 1.1 s over 10 steps, not the mean
+
+
+def test_value_at_interpolates_between_evaluations_and_is_nan_outside_them():
+    from fgtutor.analysis import value_at
+    r = run([2.0, 1.0, 0.5], [0, 10, 20], accuracy=[0.1, 0.5, 0.9])
+    assert value_at(r, 15) == pytest.approx(0.7) and value_at(r, 10) == 0.5
+    assert value_at(r, 5, column="test_loss") == pytest.approx(1.5)
+    assert value_at(r, 15, by="step") == pytest.approx(0.7), "steps are 0, 10, 20 here too"
+    assert math.isnan(value_at(r, 25)) and math.isnan(value_at(r, -1))

@@ -51,10 +51,12 @@ def test_measure_memory_probes_each_method_in_a_fresh_process():
     assert row["forward / backprop"] == pytest.approx(row["forward MB"] / row["backprop MB"])
 
 
-def test_measure_memory_probes_the_zeroth_order_step_when_asked_and_names_an_unknown_method():
+def test_measure_memory_probes_the_zeroth_order_step_and_inference_when_asked_and_names_an_unknown_method():
     memory = bench.measure_memory(["logreg"], (4,), device="cpu", progress=None, methods=bench.MEMORY_METHODS)
     row = memory.loc[("logreg", 4)]
-    assert list(row.index) == ["backprop MB", "forward MB", "zeroth MB", "forward / backprop", "zeroth / backprop"]
+    assert list(row.index) == ["backprop MB", "forward MB", "zeroth MB", "inference MB", "forward / backprop",
+                               "zeroth / backprop", "inference / backprop"]
+    assert row["inference MB"] >= 0, "inference: a forward pass without gradients, the floor of every step"
     assert row["zeroth MB"] >= 0 and row["zeroth / backprop"] == pytest.approx(row["zeroth MB"] / row["backprop MB"])
     with pytest.raises(ValueError, match="methods entry='adjoint'"):
         bench.measure_memory(["logreg"], (4,), device="cpu", progress=None, methods=("adjoint",))

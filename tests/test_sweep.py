@@ -343,3 +343,32 @@ def postgres_url():
 def test_two_workers_share_a_postgresql_study_without_duplicating_a_trial(dirs, postgres_url):
     two_workers_complete_the_grid(postgres_url)
     assert sweep.run_worker(sweep.open_study(postgres_url, "shared"), log=None)["ran"] == 0  # rerun: complete
+
+
+# -- search_inside: grids that grow past an edge ---------------------------------------------
+
+def test_a_grid_whose_best_rate_is_at_an_edge_grows_past_it_until_the_best_is_inside(dirs):
+    with sweep.scratch_storage() as storage:
+        tables = sweep.search_inside({"tiny": BASE}, {"tiny": [1e-4, 1e-3]}, storage=storage, log=None)
+    table = tables["tiny"]
+    lrs = table["lr"].tolist()
+    assert lrs[:2] == [1e-4, 1e-3] and len(lrs) > 2, "both rates are far too small: the grid must grow upwards"
+    for lower, upper, grown in zip(lrs, lrs[1:], lrs[2:]):  # each new rate is one grid step past the old edge
+        assert grown == pytest.approx(upper ** 2 / lower, rel=5e-3)
+    best = table.loc[table["best"], "lr"].item()
+    assert best == store.run_config(**dict(BASE, lr=best))["lr"] and lrs[0] < best < lrs[-1]
+    assert not table.attrs["at_edge"] and table["best"].sum() == 1
+
+
+def test_a_grid_stops_growing_at_max_rates_and_says_its_best_is_at_the_edge(dirs):
+    with sweep.scratch_storage() as storage:
+        table = sweep.search_inside({"tiny": BASE}, {"tiny": [1e-4, 1e-3]}, storage=storage, max_rates=2,
+                                    log=None)["tiny"]
+    assert table["lr"].tolist() == [1e-4, 1e-3] and table.attrs["at_edge"]
+    assert table.loc[table["best"], "lr"].item() == 1e-3
+
+
+@pytest.mark.parametrize("grids, message", [({"other": [1e-4, 1e-3]}, "differ"), ({"tiny": [1e-3]}, "at least two")])
+def test_search_inside_refuses_grids_that_do_not_match_or_have_no_step(dirs, grids, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.search_inside({"tiny": BASE}, grids, storage="sqlite://", log=None)
