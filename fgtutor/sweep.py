@@ -612,6 +612,22 @@ def search_study(base: dict, grid: Sequence[float], *, storage: Optional[str] = 
     return s
 
 
+def step_past_edge(grid: Sequence[float], best: Optional[float]) -> Optional[float]:
+    """The next value beyond the edge of ``grid`` (sorted, at least two values) where
+    ``best`` lies, one grid step further (the ratio of the two values at that edge, to 3
+    significant digits); None when ``best`` lies inside. ``best=None`` (every run
+    diverged) steps below the grid. For growing any geometric grid: learning rates, or a
+    finite-difference step."""
+    grid = sorted(grid)
+    if len(grid) < 2:
+        raise ValueError(f"grid={list(grid)} is not allowed: give at least two values, so the grid has a step.")
+    if best is None or best == grid[0]:
+        return float(f"{grid[0] ** 2 / grid[1]:.3g}")
+    if best == grid[-1]:
+        return float(f"{grid[-1] ** 2 / grid[-2]:.3g}")
+    return None
+
+
 def search_inside(bases: dict[str, dict], grids: dict[str, Sequence[float]], *, storage: str,
                   retrain: bool = False, device: str = "auto", max_rates: int = 8,
                   log: Optional[Callable[[str], None]] = print) -> dict[str, pd.DataFrame]:
@@ -626,7 +642,6 @@ def search_inside(bases: dict[str, dict], grids: dict[str, Sequence[float]], *, 
     Returns each base's ``study_table`` with the column ``best`` (the chosen row) and the
     attribute ``attrs["at_edge"]`` (True only when ``max_rates`` stopped the growth)."""
     from .store import train_runs  # the store trains; the study only reads
-    from .train import at_grid_edge
 
     check_type("bases", bases, dict, "a dict: name → run settings without lr")
     check_positive("max_rates", max_rates, integer=True)
@@ -647,22 +662,19 @@ def search_inside(bases: dict[str, dict], grids: dict[str, Sequence[float]], *, 
             grid = grids[name]
             table = study_table(search_study(bases[name], grid, storage=storage, log=None))
             table["best"] = False
+            best = None
             if (~table["diverged"] & table["val_loss"].notna()).any():
-                best = best_run(table)
-                table.loc[table["lr"] == best["lr"], "best"] = True
-                side = ("below" if best["lr"] == grid[0] else "above") if at_grid_edge(table, best) else None
-            else:
-                side = "below"
-            table.attrs["at_edge"] = side is not None
+                best = float(best_run(table)["lr"])
+                table.loc[table["lr"] == best, "best"] = True
+            new = step_past_edge(grid, best)
+            table.attrs["at_edge"] = new is not None
             tables[name] = table
-            if side is None or len(grid) >= max_rates:
+            if new is None or len(grid) >= max_rates:
                 continue
-            new = grid[0] ** 2 / grid[1] if side == "below" else grid[-1] ** 2 / grid[-2]
-            new = float(f"{new:.3g}")
             grids[name] = sorted([*grid, new])
             grown.append(name)
             if log:
-                log(f"{name}: the best rate is at the {'lower' if side == 'below' else 'upper'} edge of "
+                log(f"{name}: the best rate is at the {'lower' if new < grid[0] else 'upper'} edge of "
                     f"{[float(f'{r:.3g}') for r in grid]}; adding {new:.3g}")
         pending = grown
     return tables

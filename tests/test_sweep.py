@@ -372,3 +372,13 @@ def test_a_grid_stops_growing_at_max_rates_and_says_its_best_is_at_the_edge(dirs
 def test_search_inside_refuses_grids_that_do_not_match_or_have_no_step(dirs, grids, message):
     with pytest.raises(ValueError, match=message):
         sweep.search_inside({"tiny": BASE}, grids, storage="sqlite://", log=None)
+
+
+def test_step_past_edge_is_one_grid_step_beyond_the_edge_where_the_best_lies():
+    assert sweep.step_past_edge([1e-4, 1e-3, 1e-2], 1e-4) == pytest.approx(1e-5)
+    assert sweep.step_past_edge([1e-4, 1e-3, 1e-2], 1e-2) == pytest.approx(1e-1)
+    assert sweep.step_past_edge([2e-4, 0.02, 0.063, 0.2], 0.2) == 0.635, "the ratio at that edge, 3 digits"
+    assert sweep.step_past_edge([1e-4, 1e-3, 1e-2], 1e-3) is None
+    assert sweep.step_past_edge([1e-4, 1e-3], None) == pytest.approx(1e-5), "all diverged: smaller"
+    with pytest.raises(ValueError, match="at least two"):
+        sweep.step_past_edge([1e-3], 1e-3)
