@@ -63,6 +63,30 @@ gradient (a stop-gradient), so their exact gradients are one outer product each,
 :math:`\nabla_H L = e^\top a` with :math:`e = \partial L/\partial(\text{logits})` =
 (softmax − one-hot)/B in closed form: still no backward pass through the network.
 
+A ``fgtutor.models.LocalConvNet`` takes this to convolutions, where the global estimate is
+worst (above: ConvNet's first convolution alone has 43,264 output entries per example).
+Each block's output :math:`h = \mathrm{pool}(\mathrm{relu}(z))` falls into :math:`G`
+groups of channels and :math:`P \times P` spatial patches, and loss :math:`L_{g,q}` sees
+group :math:`g` in patch :math:`q` only. The per-example tangent :math:`u` on :math:`z`
+goes through the ReLU and each pooling window's argmax, :math:`\dot h = J u` with
+:math:`J = \partial h/\partial z` (a 0/1 selection: the entry of :math:`z` that each entry
+of :math:`h` is, none where the ReLU is off), and then through the block's normalization,
+the patch means and the heads in closed form, as for a LocalMLP. Loss :math:`L_{g,q}`'s
+derivative :math:`d_{g,q} = \nabla_h L_{g,q} \cdot \dot h_{g,q}` uses only the part
+:math:`\dot h_{g,q}` of the tangent in its own group and patch, and
+
+.. math:: \hat g_z = J^\top(\dot h \odot d), \qquad
+          \mathbb E[\hat g_z] = \sum_{g,q} J^\top J_{g,q} J_{g,q}^\top \nabla_h L_{g,q}
+          = \nabla_z \sum_{g,q} L_{g,q},
+
+with :math:`d` of each entry's own (group, patch): :math:`u \cdot d` on the entries of
+:math:`z` that :math:`h` depends on, 0 on the others (where :math:`\partial L/\partial z`
+is 0 too: a tangent there would only add noise). Then :math:`\hat g_W` is the correlation
+of :math:`\hat g_z` with the block's input, as above. Each estimate covers the
+:math:`C/G` channels of one patch, about :math:`CHW/(GP^2)` entries per example instead
+of the :math:`CHW` of the whole output, and blocks pass no tangent to each other (their
+inputs are detached), so the forward-mode pass needs no convolution of tangents at all.
+
 ``ActivityGradient(model)`` writes the estimate into ``p.grad``, like
 ``fgtutor.forward.ForwardGradient``, so any ``torch.optim`` optimizer applies it and
 ``fgtutor.train.fit(perturb="activities")`` trains with it.
@@ -76,7 +100,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import cross_entropy
-from .models import LocalMLP, normalize
+from .models import LocalConvNet, LocalMLP, normalize, normalize_maps, patch_index, patch_means
 from .tangents import rademacher_
 from .utils import check_batch, check_callable, check_choice, check_generator, check_positive, check_type
 
@@ -84,14 +108,16 @@ SAMPLERS = ("gaussian", "rademacher")
 #: the layers whose outputs are perturbed, and every layer a Sequential may have
 _WEIGHTED = (nn.Linear, nn.Conv2d)
 _LAYERS = (nn.Flatten, nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d)
+#: the models with local losses (``local_losses``), which LG-FG-A trains
+_LOCAL = (LocalMLP, LocalConvNet)
 
 
 def _unsupported(model: nn.Module) -> Optional[str]:
     """Why activity perturbation cannot take ``model``, naming the layer; None if it can."""
-    if isinstance(model, LocalMLP):
+    if isinstance(model, _LOCAL):
         return None
     if not isinstance(model, nn.Sequential) or len(model) == 0:
-        return f"{type(model).__name__} is not a LocalMLP or a non-empty nn.Sequential"
+        return f"{type(model).__name__} is not a LocalMLP, a LocalConvNet or a non-empty nn.Sequential"
     for i, layer in enumerate(model):
         if type(layer) not in _LAYERS:
             return f"layer {i}, {layer}, is none of {', '.join(t.__name__ for t in _LAYERS)}"
@@ -103,19 +129,19 @@ def _unsupported(model: nn.Module) -> Optional[str]:
 
 
 def supports(model: nn.Module) -> bool:
-    """True for a ``LocalMLP``, or an ``nn.Sequential`` of Flatten / Linear / Conv2d (zero
+    """True for a ``LocalMLP`` or ``LocalConvNet``, or an ``nn.Sequential`` of Flatten / Linear / Conv2d (zero
     padding) / ReLU / MaxPool2d layers that ends in a Linear layer (the logits)."""
     return _unsupported(model) is None
 
 
 def reference_gradient(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
     """autograd's gradient of what the estimators estimate, one tensor per parameter: the
-    mean cross-entropy of ``model(x)``, or for a ``LocalMLP`` the sum of its local losses
+    mean cross-entropy of ``model(x)``, or for a ``LocalMLP`` or ``LocalConvNet`` the sum of its local losses
     (zeros for a parameter the loss does not reach). For checking, not for training."""
     check_type("model", model, nn.Module, "a torch.nn.Module, e.g. fgtutor.models.MLP()")
     check_batch(x, y)
     with torch.enable_grad():
-        loss = sum(model.local_losses(x, y)) if isinstance(model, LocalMLP) else F.cross_entropy(model(x), y)
+        loss = sum(model.local_losses(x, y)) if isinstance(model, _LOCAL) else F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
 
@@ -243,7 +269,7 @@ def activity_jvp(model: nn.Sequential, x: Tensor, tangents: Sequence[Tensor]) ->
     of every Linear and Conv2d layer moves along its tangent (``tangents``, one per such
     layer in order, each shaped like the output): the forward-mode pass of
     ``ActivityGradient``, by hand, with no autograd."""
-    reason = "a LocalMLP has local losses" if isinstance(model, LocalMLP) else _unsupported(model)
+    reason = f"a {type(model).__name__} has local losses" if isinstance(model, _LOCAL) else _unsupported(model)
     if reason is not None:
         raise ValueError(f"activity_jvp takes an nn.Sequential that activity perturbation supports: {reason}.")
     logits, steps = _primal(model, x)
@@ -263,15 +289,139 @@ def _layout(flat: Tensor, like: Tensor) -> Tensor:
     return flat.view(like.shape)
 
 
-def _output_error(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _output_error(logits: Tensor, y: Tensor, fast: bool = False) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy and its exact gradient w.r.t. the logits, (softmax − one-hot)/B,
-    over the last dimension (logits of shape B×C or B×G×C)."""
-    log_p = F.log_softmax(logits, -1)
+    over the last dimension (logits of shape B×C or B×G×C). ``fast``: the log-softmax of
+    a transposed view, 10× faster over a last dimension of 10 classes but rounded a little
+    differently for some shapes (stored runs of the other models keep the first way)."""
+    log_p = F.log_softmax(logits.transpose(0, -1), 0).transpose(0, -1).contiguous() if fast \
+        else F.log_softmax(logits, -1)
     one_hot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
     if logits.dim() == 3:
         one_hot = one_hot[:, None, :]
     loss = -(log_p * one_hot).sum(-1).mean(0).sum()  # Σ over groups of each group's mean CE
     return loss, log_p.exp_().sub_(one_hot).div_(len(y))
+
+
+def _local_linear(block: nn.Linear, head: nn.Linear, groups: int, a: Tensor, z: Tensor, u: Tensor,
+                  y: Tensor) -> Tensor:
+    """LG-FG-A for one LocalMLP-style block: ``.grad`` of ``block`` (input ``a``,
+    pre-activation ``z``, which it overwrites, tangent ``u``) and of its group heads;
+    returns the normalized block output, the next block's input."""
+    B, D = z.shape
+    G, k = groups, D // groups
+    C = head.out_features // G
+    dh = u * (z > 0)
+    h = F.relu_(z)
+    # the normalization the heads and the next block see, with its statistics
+    centred = h - h.mean(1, keepdim=True)
+    rstd = centred.pow(2).mean(1, keepdim=True).add_(1e-5).rsqrt_()
+    a_next = centred * rstd
+    logits = F.linear(a_next, head.weight, head.bias).view(B, G, C)
+    # d(logits of group g) along the tangent on group g's units only, through the
+    # normalization: da = rstd·(ḣ − mean(ḣ) − a·mean(a·ḣ)), ḣ zero outside group g
+    dh_g = dh.view(B, G, k)
+    own = head.weight.view(G, C, G, k).diagonal(dim1=0, dim2=2).permute(2, 1, 0)  # H_g on group g: G×k×C
+    m1 = dh_g.sum(2, keepdim=True) / D
+    m2 = (a_next.view(B, G, k) * dh_g).sum(2, keepdim=True) / D
+    dlogits = (torch.bmm(dh_g.transpose(0, 1), own).transpose(0, 1)
+               - m1 * head.weight.view(G, C, D).sum(2) - m2 * (logits - head.bias.view(G, C))) * rstd[:, :, None]
+    _, error = _output_error(logits, y)
+    d = (error * dlogits).sum(2, keepdim=True)  # B×G×1: one directional derivative per group
+    g_z = (u.view(B, G, k) * d).view(B, D)
+    _set_grad(block.weight, g_z.t() @ a)
+    _set_grad(block.bias, g_z.sum(0))
+    # the heads' exact gradients: linear layers on inputs that carry no gradient
+    _set_linear_grads(head, a_next, error.view(B, G * C))
+    return a_next
+
+
+def _set_linear_grads(layer: nn.Linear, a: Tensor, error: Tensor) -> None:
+    """The exact ``.grad`` of a linear layer on an input ``a`` that carries no gradient:
+    ``error`` = ∂L/∂(its output), B×out (or B×Q×out: summed over both)."""
+    error, a = error.reshape(-1, error.shape[-1]), a.reshape(-1, a.shape[-1])
+    _set_grad(layer.weight, error.t() @ a)
+    _set_grad(layer.bias, error.sum(0))
+
+
+def _output_layer(out: nn.Linear, a: Tensor, y: Tensor) -> Tensor:
+    """The output layer's loss on the normalized features ``a``, and its exact ``.grad``."""
+    loss, error = _output_error(F.linear(a, out.weight, out.bias), y)
+    _set_linear_grads(out, a, error)
+    return loss
+
+
+class _ConvBlock(NamedTuple):
+    """One convolutional block of a LocalConvNet's primal pass: its layer and head, its
+    (normalized) input, its ReLU output, the max-pool's argmax indices (None: no pool),
+    its output and that normalized (the heads' and the next block's input) with its 1/std."""
+    layer: nn.Conv2d
+    head: nn.Linear
+    input: Tensor
+    relu: Tensor
+    indices: Optional[Tensor]
+    output: Tensor
+    normalized: Tensor
+    rstd: Tensor
+
+
+def _conv_primal(layer: nn.Conv2d, head: nn.Linear, pool: bool, a: Tensor) -> _ConvBlock:
+    """``LocalConvNet.conv_block`` on the normalized input ``a``, keeping what the
+    estimate needs."""
+    relu = F.relu_(layer(a))
+    h, indices = F.max_pool2d(relu, 2, return_indices=True) if pool else (relu, None)
+    # normalize_maps(h), with its statistics
+    normalized, _, rstd = torch.native_layer_norm(h.permute(0, 2, 3, 1), (*h.shape[2:], h.shape[1]), None, None, 1e-5)
+    return _ConvBlock(layer, head, a, relu, indices, h, normalized.permute(0, 3, 1, 2), rstd.view(-1, 1, 1, 1))
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """B×C×H×W ``t`` as B×(H·W)×C: a view when ``t`` is channels-last."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[1])
+
+
+def _block_tangent(block: _ConvBlock, u: Tensor) -> Tensor:
+    """The tangent of the block's output when its convolution's output moves along ``u``:
+    through the ReLU (ḣ·[h > 0]) and, if it pools, each window's argmax (where the ReLU
+    mask is that of the pooled output: one pass over the smaller tensor)."""
+    if block.indices is None:
+        return u * block.relu.sign()
+    B, C, H, W = block.indices.shape
+    routed = _nhwc(u).gather(1, _nhwc(block.indices)).view(B, H, W, C).permute(0, 3, 1, 2)
+    return routed * block.output.sign()
+
+
+def _patch_estimate(block: _ConvBlock, u: Tensor, groups: int, patches: int, y: Tensor) -> None:
+    r"""LG-FG-A for one convolutional block of a LocalConvNet: ``.grad`` of its
+    convolution from the tangent ``u`` on its output :math:`z`, each (group, patch) loss's
+    derivative along the entries of ``u`` in its own group and patch only, and the exact
+    ``.grad`` of its heads."""
+    head, a = block.head, block.normalized
+    B, C, H, W = a.shape
+    G, k, Q = groups, C // groups, patches * patches
+    K = head.out_features // G
+    dh = _block_tangent(block, u)
+    features = patch_means(a, patches)  # B×Q×C, what the heads see
+    logits = F.linear(features, head.weight, head.bias).view(B, Q, G, K)
+    # d(logits of group g, patch q) along the tangent on its own entries only, through the
+    # normalization, da = rstd·(ḣ − mean(ḣ) − a·mean(a·ḣ)), and the patch's mean
+    ids = patch_index(H, W, patches).to(a.device)
+    scale = (torch.bincount(ids, minlength=Q).to(a.dtype) / (C * H * W)).view(1, Q, 1)  # positions / N
+    mean_dh = patch_means(dh, patches).view(B, Q, G, k)
+    m1 = mean_dh.sum(3) * scale  # B×Q×G: mean(ḣ) over all C·H·W entries, ḣ only on (g, q)
+    m2 = patch_means(a * dh, patches).view(B, Q, G, k).sum(3) * scale
+    own = head.weight.view(G, K, G, k).diagonal(dim1=0, dim2=2).permute(2, 1, 0)  # H_g on group g: G×k×K
+    dlogits = (torch.einsum("bqgj,gjc->bqgc", mean_dh, own) - m1[..., None] * head.weight.view(G, K, C).sum(2)
+               - m2[..., None] * (logits - head.bias.view(G, K))) * block.rstd.view(B, 1, 1, 1)
+    _, error = _output_error(logits.view(B, Q * G, K), y, fast=True)
+    d = (error.view(B, Q, G, K) * dlogits).sum(3)  # B×Q×G: one directional derivative per (patch, group)
+    # ĝ_z = J^T(ḣ·d), J = ∂h/∂z: u·d of its (group, patch) on each entry of z that the
+    # block's output is (ReLU on, the window's argmax), 0 on the others
+    d = d.repeat_interleave(k, 2).index_select(1, ids)  # B×(H·W)×C: d of each output entry's (group, patch)
+    g_h = (_nhwc(dh) * d).view(B, H, W, C).permute(0, 3, 1, 2)
+    g_z = g_h if block.indices is None else F.max_unpool2d(g_h, block.indices, 2, output_size=block.relu.shape[2:])
+    _set_weight_grads(block.layer, block.input, g_z)
+    _set_linear_grads(head, features, error.view(B, Q, G * K))
 
 
 class ActivityGradient:
@@ -280,8 +430,8 @@ class ActivityGradient:
     ``estimate = ActivityGradient(model)``; ``loss = estimate(x, y)`` fills ``p.grad`` of
     every trainable parameter and returns the (detached) loss of the model's output, so
     any ``torch.optim`` optimizer takes the step. For an ``nn.Sequential`` MLP it
-    estimates the gradient of the mean cross-entropy (FG-A); for a ``LocalMLP`` that of
-    the sum of its local losses (LG-FG-A, ``LocalMLP.local_losses``). One forward-mode
+    estimates the gradient of the mean cross-entropy (FG-A); for a ``LocalMLP`` or a
+    ``LocalConvNet`` that of the sum of its local losses (LG-FG-A, ``local_losses``). One forward-mode
     pass, no autograd graph: everything runs under ``torch.no_grad()``. A Sequential may
     have convolutions (``ConvNet``): their outputs are perturbed too.
 
@@ -292,7 +442,7 @@ class ActivityGradient:
                  sampler: str = "rademacher", generator: Optional[torch.Generator] = None) -> None:
         if not isinstance(model, nn.Module) or not supports(model):
             reason = _unsupported(model) if isinstance(model, nn.Module) else f"{type(model).__name__} is no nn.Module"
-            raise ValueError(f"activity perturbation supports a LocalMLP or an nn.Sequential of "
+            raise ValueError(f"activity perturbation supports a LocalMLP, a LocalConvNet or an nn.Sequential of "
                              f"{', '.join(t.__name__ for t in _LAYERS)} layers ending in Linear: {reason}. Use "
                              "perturb='weights' (ForwardGradient) for other models.")
         if loss_fn is not cross_entropy and loss_fn is not F.cross_entropy:
@@ -343,6 +493,8 @@ class ActivityGradient:
         try:
             if isinstance(self.model, LocalMLP):
                 return self._local(x, y)
+            if isinstance(self.model, LocalConvNet):
+                return self._local_conv(x, y)
             return self._global(x, y)
         except (RuntimeError, IndexError) as exc:  # e.g. inputs of the wrong shape, a label out of range
             raise ValueError(f"{type(self.model).__name__} cannot take x of shape {tuple(x.shape)} with y of "
@@ -363,45 +515,29 @@ class ActivityGradient:
 
     def _local(self, x: Tensor, y: Tensor) -> Tensor:
         """LG-FG-A on a LocalMLP: each group of units perturbed for its own local loss."""
-        model, B = self.model, len(x)
-        G, C = model.groups, model.classes
-        us = iter(self.tangents(B, [block.out_features for block in model.blocks], x))
+        model = self.model
+        us = iter(self.tangents(len(x), [block.out_features for block in model.blocks], x))
         a = normalize(x.flatten(1))
         for block, head in zip(model.blocks, model.heads):
-            u = next(us)
-            z = F.linear(a, block.weight, block.bias)
-            dh = u * (z > 0)
-            h = F.relu_(z)
-            D, k = h.shape[1], h.shape[1] // G
-            # the normalization the heads and the next block see, with its statistics
-            centred = h - h.mean(1, keepdim=True)
-            rstd = centred.pow(2).mean(1, keepdim=True).add_(1e-5).rsqrt_()
-            a_next = centred * rstd
-            logits = F.linear(a_next, head.weight, head.bias).view(B, G, C)
-            # d(logits of group g) along the tangent on group g's units only, through the
-            # normalization: da = rstd·(ḣ − mean(ḣ) − a·mean(a·ḣ)), ḣ zero outside group g
-            dh_g = dh.view(B, G, k)
-            own = head.weight.view(G, C, G, k).diagonal(dim1=0, dim2=2).permute(2, 1, 0)  # H_g on group g: G×k×C
-            m1 = dh_g.sum(2, keepdim=True) / D
-            m2 = (a_next.view(B, G, k) * dh_g).sum(2, keepdim=True) / D
-            dlogits = (torch.bmm(dh_g.transpose(0, 1), own).transpose(0, 1)
-                       - m1 * head.weight.view(G, C, D).sum(2) - m2 * (logits - head.bias.view(G, C))) * rstd[:, :, None]
-            _, error = _output_error(logits, y)
-            d = (error * dlogits).sum(2, keepdim=True)  # B×G×1: one directional derivative per group
-            g_z = (u.view(B, G, k) * d).view(B, D)
-            _set_grad(block.weight, g_z.t() @ a)
-            _set_grad(block.bias, g_z.sum(0))
-            # the heads' exact gradients: linear layers on inputs that carry no gradient
-            error = error.view(B, G * C)
-            _set_grad(head.weight, error.t() @ a_next)
-            _set_grad(head.bias, error.sum(0))
-            a = a_next
-        logits = F.linear(a, model.out.weight, model.out.bias)
-        loss, error = _output_error(logits, y)
-        _set_grad(model.out.weight, error.t() @ a)
-        _set_grad(model.out.bias, error.sum(0))
-        return loss
+            a = _local_linear(block, head, model.groups, a, F.linear(a, block.weight, block.bias), next(us), y)
+        return _output_layer(model.out, a, y)
+
+    def _local_conv(self, x: Tensor, y: Tensor) -> Tensor:
+        """LG-FG-A on a LocalConvNet: each group of channels in each patch perturbed for
+        its own local loss, then the fully connected block as in a LocalMLP."""
+        model = self.model
+        blocks, a = [], normalize_maps(x)
+        for layer, head, pool in zip(model.blocks, model.heads, model.pools):
+            blocks.append(_conv_primal(layer, head, pool, a))
+            a = blocks[-1].normalized
+        fc, a = model.blocks[-1], a.flatten(1)
+        z = F.linear(a, fc.weight, fc.bias)
+        us = self.tangents_like([block.relu for block in blocks] + [z])  # all drawn in one call
+        for block, u in zip(blocks, us):
+            _patch_estimate(block, u, model.groups, model.patches, y)
+        a = _local_linear(fc, model.heads[-1], model.fc_groups, a, z, us[-1], y)
+        return _output_layer(model.out, a, y)
 
     def __repr__(self) -> str:
-        kind = "local losses" if isinstance(self.model, LocalMLP) else "global loss"
+        kind = "local losses" if isinstance(self.model, _LOCAL) else "global loss"
         return f"ActivityGradient(model={type(self.model).__name__}, {kind}, sampler={self.sampler!r})"

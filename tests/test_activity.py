@@ -10,7 +10,8 @@ from conftest import seeded
 from fgtutor.activity import ActivityGradient, activity_jvp, reference_gradient, supports
 from fgtutor.data import load_mnist
 from fgtutor.forward import ForwardGradient
-from fgtutor.models import MLP, ConvNet, LocalMLP, make_model
+from fgtutor.models import MLP, ConvNet, LocalConvNet, LocalMLP, make_model, normalize_maps, patch_means
+from fgtutor.store import model_constructor, run_config
 from fgtutor.train import fit, train_model
 
 
@@ -22,6 +23,14 @@ def small_mlp() -> nn.Sequential:
 def small_local() -> LocalMLP:
     torch.manual_seed(0)
     return LocalMLP(hidden=8, groups=2).double()
+
+
+def small_local_conv(padding: int = 0, patches: int = 2) -> LocalConvNet:
+    """LocalConvNet's blocks with 4 channels and 8 hidden units, two groups each: 4×26×26 →
+    4×12×12 → 4×10×10 → 4×4×4 → 8 with padding 0 (2×2 patches of 13, 6, 5 and 2 rows);
+    4×28×28 → 4×14×14 → 4×14×14 → 4×7×7 with padding 1 (3×3 patches, of uneven sizes)."""
+    torch.manual_seed(0)
+    return LocalConvNet(padding=padding, groups=2, patches=patches, fc_groups=2, channels=4, hidden=8).double()
 
 
 def small_convnet(padding: int) -> nn.Sequential:
@@ -43,6 +52,8 @@ def batch(model: nn.Module, n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     if isinstance(model, LocalMLP):
         shape = (784,)
+    elif isinstance(model, LocalConvNet):
+        shape = (1, 28, 28)
     elif isinstance(model[0], nn.Conv2d):
         shape = (1, 28, 28) if isinstance(model, ConvNet) else (1, 12, 12)
     else:
@@ -85,16 +96,21 @@ def estimates(model: nn.Module, x, y, n: int, sampler: str = "rademacher") -> li
     return [torch.stack(s) for s in out]
 
 
-@pytest.mark.parametrize("make", [small_mlp, small_local, lambda: small_convnet(0), lambda: small_convnet(1)],
-                         ids=["FG-A global loss", "LG-FG-A local losses", "FG-A convolutions", "FG-A padded convs"])
+@pytest.mark.parametrize("make", [small_mlp, small_local, lambda: small_convnet(0), lambda: small_convnet(1),
+                                  small_local_conv, lambda: small_local_conv(padding=1, patches=3)],
+                         ids=["FG-A global loss", "LG-FG-A local losses", "FG-A convolutions", "FG-A padded convs",
+                              "LG-FG-A local conv losses", "LG-FG-A uneven patches"])
 @pytest.mark.parametrize("sampler", ["rademacher", "gaussian"])
 def test_the_estimate_is_unbiased(make, sampler):
     # the mean of many estimates is within 5 standard errors of autograd's gradient, entry by
-    # entry, and so is its projection on the gradient, ⟨ĝ, g⟩/‖g‖² (1 in expectation)
+    # entry, and so is its projection on the gradient, ⟨ĝ, g⟩/‖g‖² (1 in expectation); for a
+    # LocalConvNet, autograd's gradient of the sum of its local losses (fewer draws: a
+    # LocalConvNet's call is slower, and the tolerance follows the spread of the draws)
     model = make()
-    x, y = batch(model)
+    x, y = batch(model, 3 if isinstance(model, LocalConvNet) else 5)
     reference = reference_gradient(model, x, y)
-    for (name, _), samples, true in zip(model.named_parameters(), estimates(model, x, y, 3000, sampler), reference):
+    draws = 800 if isinstance(model, LocalConvNet) else 3000
+    for (name, _), samples, true in zip(model.named_parameters(), estimates(model, x, y, draws, sampler), reference):
         mean, se = samples.mean(0), samples.std(0) / math.sqrt(len(samples))
         exact = se.max() < 1e-12  # heads and output layer: exact gradients, no noise
         assert torch.all((mean - true).abs() <= 5 * se + 1e-9 * (1 + true.abs())), (name, exact)
@@ -102,8 +118,10 @@ def test_the_estimate_is_unbiased(make, sampler):
         assert abs(projections.mean() - 1) <= 5 * projections.std() / math.sqrt(len(samples)) + 1e-9, name
 
 
-def test_local_heads_and_output_layer_get_their_exact_gradients():
-    model = small_local()
+@pytest.mark.parametrize("make", [small_local, small_local_conv, lambda: small_local_conv(padding=1, patches=3)],
+                         ids=["LocalMLP", "LocalConvNet", "uneven patches"])
+def test_local_heads_and_output_layer_get_their_exact_gradients(make):
+    model = make()
     x, y = batch(model)
     reference = dict(zip([n for n, _ in model.named_parameters()], reference_gradient(model, x, y)))
     ActivityGradient(model)(x, y)
@@ -114,7 +132,7 @@ def test_local_heads_and_output_layer_get_their_exact_gradients():
 
 def test_no_autograd_graph_is_built():
     # the estimator runs under no_grad: nothing it computes could be backpropagated
-    for model in (small_mlp(), small_local(), convnet(0)):
+    for model in (small_mlp(), small_local(), convnet(0), small_local_conv()):
         x, y = batch(model)
         x.requires_grad_(True)
         loss = ActivityGradient(model)(x, y)
@@ -122,7 +140,8 @@ def test_no_autograd_graph_is_built():
         assert all(p.grad.grad_fn is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("make", [small_mlp, lambda: convnet(0)], ids=["mlp", "convnet"])
+@pytest.mark.parametrize("make", [small_mlp, lambda: convnet(0), lambda: seeded(LocalConvNet)],
+                         ids=["mlp", "convnet", "local convnet"])
 def test_no_backward_pass_runs(make):
     # a hook on autograd's engine would see any backward pass; the estimator triggers none
     model = make()
@@ -253,6 +272,120 @@ def test_with_tangents_on_one_layer_the_exact_expectation_is_the_gradient(paddin
         torch.testing.assert_close(total_bias, reference[f"{position}.bias"], rtol=0, atol=1e-10)
 
 
+class AlongBasis(ActivityGradient):
+    """An ActivityGradient on B copies of one example whose tangent on copy b is the basis
+    vector e_{start+b} of one layer's output (zero past its size and on every other layer):
+    the estimate is the mean over the copies of the one-example estimates ĝ(e_i)."""
+    layer, start = 0, 0
+
+    def tangents_like(self, outputs):
+        self.sizes = [z[0].numel() for z in outputs]
+        tangents = [torch.zeros_like(z) for z in outputs]
+        flat = tangents[self.layer].reshape(len(outputs[0]), -1)  # a copy when channels-last
+        rows = torch.arange(max(0, min(len(flat), flat.shape[1] - self.start)))
+        flat[rows, self.start + rows] = 1
+        tangents[self.layer].copy_(flat.view(outputs[self.layer].shape))
+        return tangents
+
+
+class AlongSome(ActivityGradient):
+    """An ActivityGradient whose tangent is a sum of basis vectors of one layer's output
+    (``indices`` into it in C×H×W order, of the first example), zero on every other layer."""
+    layer, indices = 0, ()
+
+    def tangents_like(self, outputs):
+        tangents = [torch.zeros_like(z) for z in outputs]
+        for index in self.indices:
+            tangents[self.layer][(0, *torch.unravel_index(torch.tensor(index), outputs[self.layer].shape[1:]))] = 1
+        return tangents
+
+
+@pytest.mark.parametrize("padding,patches", [(0, 2), (1, 3)], ids=["even patches", "uneven patches"])
+def test_local_conv_estimate_over_a_basis_of_each_block_is_the_gradient_of_its_local_losses(padding, patches):
+    # ĝ is quadratic in u, so E[ĝ] = Σ_i ĝ(e_i) for any tangent with E[uu^T] = I: summed over
+    # a basis of one block's pre-activation z (every channel and position), the estimate of
+    # that block's weight and bias is autograd's gradient of Σ local losses, exactly. The
+    # basis vectors go 32 at a time, on 32 copies of the example (each copy adds 1/32 of
+    # its one-example estimate, the loss being the batch mean).
+    model = small_local_conv(padding, patches)
+    x, y = batch(model, 1)
+    reference = dict(zip([n for n, _ in model.named_parameters()], reference_gradient(model, x, y)))
+    copies = 32
+    estimate = AlongBasis(model)
+    xs, ys = x.repeat(copies, 1, 1, 1), y.repeat(copies)
+    estimate(xs, ys)
+    for layer, size in enumerate(estimate.sizes):
+        weight, bias = model.blocks[layer].weight, model.blocks[layer].bias
+        total_weight, total_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+        for start in range(0, size, copies):
+            estimate.layer, estimate.start = layer, start
+            estimate(xs, ys)
+            total_weight += copies * weight.grad
+            total_bias += copies * bias.grad
+        torch.testing.assert_close(total_weight, reference[f"blocks.{layer}.weight"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(total_bias, reference[f"blocks.{layer}.bias"], rtol=0, atol=1e-10)
+
+
+def block_output(model: LocalConvNet, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ``i``'s pre-activation z (a leaf, for autograd) and its output h = pool(relu(z))."""
+    h = x
+    for j in range(i):
+        h = model.conv_block(j, h)
+    z = model.blocks[i](normalize_maps(h)).detach().requires_grad_(True)
+    h = F.relu(z)
+    return z, F.max_pool2d(h, 2) if model.pools[i] else h
+
+
+@pytest.mark.parametrize("block", [0, 1], ids=["relu", "relu and max-pool"])
+def test_local_conv_estimate_is_zero_where_the_block_output_does_not_depend_on_z(block):
+    # ĝ_z = J^T(ḣ·d), J = ∂h/∂z: u·d on the entries of z that the block's output is (ReLU on,
+    # its pooling window's argmax) and 0 on the others, where ∂L/∂z is 0 too. A tangent on
+    # such an entry, beside one on an entry the output is, changes nothing: no bias, less noise
+    model = small_local_conv()
+    x, y = batch(model, 1)
+    z, h = block_output(model, x, block)
+    reaches = torch.autograd.grad(h.sum(), z)[0][0] != 0  # C×H×W
+    # an entry the output is, and the one right of it, in its group (channel) and patch (2×2
+    # patches: rows and columns of z below the middle are patch 0), that the output is not
+    C, H, W = reaches.shape
+    c, i, j = next((c, i, j) for c, i, j in reaches.nonzero().tolist()
+                   if i < H // 2 and j + 1 < W // 2 and not reaches[c, i, j + 1])
+    on, off = (c * H + i) * W + j, (c * H + i) * W + j + 1
+    estimate = AlongSome(model)
+    estimate.layer = block
+    estimate.indices = (on,)
+    estimate(x, y)
+    alone = model.blocks[block].weight.grad.clone()
+    estimate.indices = (on, off)
+    estimate(x, y)
+    assert alone.abs().sum() > 0
+    torch.testing.assert_close(model.blocks[block].weight.grad, alone, rtol=0, atol=0)
+
+
+def test_local_conv_estimate_uses_each_loss_on_its_own_group_and_patch_only():
+    # with the tangent on one entry i of z (group g, patch q), the estimate of the block's
+    # weight is what backprop forms from ∂L/∂z = e_i·(∂L_gq/∂z_i), L_gq the one loss of that
+    # group and patch without any stop-gradient: no other loss sees the entry
+    model = small_local_conv()
+    x, y = batch(model, 1)
+    z, h = block_output(model, x, 0)
+    estimate = AlongSome(model)
+    reaches = (z[0] > 0).flatten()
+    # z is 4×26×26: group g is channels 2g and 2g+1, patch q rows 13·(q//2)… and columns 13·(q%2)…
+    for g, q in ((0, 0), (1, 3)):
+        rows, columns = range(13 * (q // 2), 13 * (q // 2) + 13), range(13 * (q % 2), 13 * (q % 2) + 13)
+        index = next(i for i in ((2 * g + 1) * 676 + r * 26 + c for r in rows for c in columns) if reaches[i])
+        estimate.indices = (index,)
+        estimate(x, y)
+        logits = model.heads[0](patch_means(normalize_maps(h), 2)[:, q])[:, 10 * g:10 * g + 10]
+        dz = torch.autograd.grad(F.cross_entropy(logits, y), z, retain_graph=True)[0]
+        only = torch.zeros_like(dz).flatten()
+        only[index] = dz.flatten()[index]
+        want = torch.nn.grad.conv2d_weight(normalize_maps(x), model.blocks[0].weight.shape, only.view_as(dz))
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(model.blocks[0].weight.grad, want, rtol=1e-10, atol=1e-12)
+
+
 def closed_form_variance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sampler: str) -> float:
     """E‖ĝ − ∇L‖² for one example: ‖∇_z L‖² Σ_l C_l ‖A'_l‖² + ‖∇_θ L‖² with Gaussian
     tangents, less 2 Σ_{l,c,p} (∂L/∂z_lcp)² ‖A'_lp‖² with Rademacher ones, where A'_lp is
@@ -291,7 +424,8 @@ def test_variance_with_convolutions_is_the_closed_form(padding, sampler):
 def test_fit_trains_with_activity_perturbation_through_any_optimizer():
     torch.manual_seed(0)
     X, Y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
-    for model in (MLP(hidden=32), make_model("local_mlp", hidden=32, groups=4)):
+    for model in (MLP(hidden=32), make_model("local_mlp", hidden=32, groups=4),
+                  make_model("local_convnet", channels=8, hidden=32, groups=4, fc_groups=4)):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         history = fit(model, "forward", optimizer, (X, Y), {"train": (X, Y)}, epochs=3, progress=False,
                       perturb="activities")
@@ -310,6 +444,14 @@ def test_train_model_trains_a_convnet_with_activity_perturbation():
     losses = [row["train_loss"] for row in history.epochs]
     assert history.meta["perturb"] == "activities" and len(history.step_loss) == 32
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+
+
+def test_a_local_convnet_run_is_a_valid_stored_configuration():
+    config = run_config(model="local_convnet", method="forward", perturb="activities", sampler="gaussian",
+                        optimizer="adam", lr=1e-4, model_kwargs={"groups": 8, "patches": 4})
+    model = model_constructor(config)()
+    assert isinstance(model, LocalConvNet) and (model.groups, model.patches) == (8, 4)
+    assert supports(model)
 
 
 def test_local_mlp_predicts_with_its_output_layer_and_backprop_trains_it_as_an_mlp():
@@ -334,7 +476,7 @@ def test_bad_arguments_get_clear_errors(kwargs, match):
 
 
 def test_convnets_are_supported():
-    assert supports(small_mlp()) and supports(small_local())
+    assert supports(small_mlp()) and supports(small_local()) and supports(small_local_conv())
     assert supports(ConvNet(padding=0)) and supports(ConvNet(padding=1)) and supports(small_convnet(0))
 
 
@@ -359,6 +501,11 @@ def test_wrong_input_shapes_are_named():
     model = small_convnet(0)
     with pytest.raises(ValueError, match="do not match the outputs"):
         activity_jvp(model, batch(model)[0], [torch.zeros(5, 3, 10, 10, dtype=torch.double)])
+    with pytest.raises(ValueError, match=r"cannot take x of shape \(4, 1, 20, 20\)"):
+        ActivityGradient(small_local_conv())(torch.randn(4, 1, 20, 20, dtype=torch.double),
+                                             torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="LocalConvNet has local losses"):
+        activity_jvp(small_local_conv(), torch.randn(2, 1, 28, 28, dtype=torch.double), [])
 
 
 def test_fit_refuses_weight_perturbation_settings_with_activities():
