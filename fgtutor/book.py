@@ -105,6 +105,7 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "backprop_lrs": _list_of(check_positive, "[0.01, 0.1]"),
         "recipe_forward_lrs": _list_of(check_positive, "[1e-5, 1e-4]"),
         "recipe_backprop_lrs": _list_of(check_positive, "[1e-4, 1e-3]"),
+        "local_lrs": _list_of(check_positive, "[3e-4, 1e-3]"),
         "zeroth_lrs": _list_of(check_positive, "[1e-4, 3e-4]"),
         "eps_grid": _list_of(check_positive, "[1e-4, 1e-3]"),
         "eps_values": _list_of(check_positive, "[1e-6, 1e-3]"),
