@@ -105,6 +105,8 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "backprop_lrs": _list_of(check_positive, "[0.01, 0.1]"),
         "recipe_forward_lrs": _list_of(check_positive, "[1e-5, 1e-4]"),
         "recipe_backprop_lrs": _list_of(check_positive, "[1e-4, 1e-3]"),
+        "zeroth_lrs": _list_of(check_positive, "[1e-4, 3e-4]"),
+        "eps_grid": _list_of(check_positive, "[1e-4, 1e-3]"),
         "sample_sizes": _list_of(_positive_int, "[10, 100, 1000]"),
         "device": _one_of(*DEVICES),
         "grids": _grids, "tangent_counts": _list_of(_positive_int, "[1, 4, 16]"),
