@@ -34,6 +34,9 @@ TINY = {
     "recipe": {"epochs": 4, "n_train": 256, "lr_factors": [1.0]},
     "finals": {"fgw_epochs": 2, "fgw_search_epochs": 1, "fgw_lrs": [5e-4, 1.58e-3], "clip_lrs": [5e-4, 1.58e-3], "clipped_seeds": [0], "final_epochs": 2, "search_epochs": 1,
                "activity_lrs": [1e-4, 1e-3], "n_train": 256, "seeds": [0, 1]},
+    "zeroth": {"epochs": 1, "search_epochs": 1, "n_train": 256, "n_val": 500, "seeds": [0, 1], "max_rates": 3,
+               "eps_values": [1e-4, 1e-3, 1e-2], "eps_draws": 1, "cosine_draws": 2, "repeats": 2, "warmup": 1,
+               "memory_batches": [64]},
     "rank1": {"models": ["mlp", "convnet"], "repeats": 2, "warmup": 1, "epochs": 1, "n_train": 256, "seeds": [0, 1]},
 }
 GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")
