@@ -151,9 +151,9 @@ def standardized_samples() -> list:
     return [path for _, path in sorted(picked.values(), key=lambda wp: wp[1])]
 
 
-def test_standardized_runs_of_both_methods_are_stored_and_replay():
+def test_standardized_runs_of_every_method_are_stored_and_replay():
     samples = standardized_samples()
-    assert {read(p)["config"]["method"] for p in samples} == {"forward", "backprop"}
+    assert {read(p)["config"]["method"] for p in samples} == {"forward", "backprop", "zeroth"}
     for path in samples:
         assert check_replay(path, steps=50)["fingerprint"] <= FINGERPRINT_RTOL, path
 
