@@ -59,7 +59,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import store
 from .store import (MissingRunsError, config_data, describe, load, provenance, run_config, run_key, run_path,
-                    save, store_roots)
+                    save, store_roots, train_runs)
 from .train import History, best_run, train_model
 from .utils import check_choice, check_positive, check_type
 
@@ -641,8 +641,6 @@ def search_inside(bases: dict[str, dict], grids: dict[str, Sequence[float]], *, 
 
     Returns each base's ``study_table`` with the column ``best`` (the chosen row) and the
     attribute ``attrs["at_edge"]`` (True only when ``max_rates`` stopped the growth)."""
-    from .store import train_runs  # the store trains; the study only reads
-
     check_type("bases", bases, dict, "a dict: name → run settings without lr")
     check_positive("max_rates", max_rates, integer=True)
     if set(bases) != set(grids):
