@@ -11,7 +11,8 @@ For each model, on the same batch and device, after warm-up, the median of repea
   backprop's, on the MLP (weight perturbation with 1 and 4 tangents, activity
   perturbation, and the zeroth-order estimates of ``fgtutor.zeroth``: SPSA into
   ``p.grad`` on perturbed copies, and MeZO in place with its fused step) and the
-  ``LocalMLP`` (local losses, and backprop of the same model).
+  ``LocalMLP`` (local losses, and backprop of the same model); and on the ConvNet,
+  backprop, weight and activity perturbation, and the ``LocalConvNet``'s local losses.
 
 From these, the paper's cost ratios :math:`R_f` = forward-gradient step / forward pass and
 :math:`R_b` = backprop step / forward pass. It also measures the peak extra memory of one
@@ -158,36 +159,65 @@ def estimator_steps(batch: int, device: torch.device, num_tangents: int = 4) -> 
     for model_name in ("mlp", "local_mlp"):
         model, optimizer, x, y = _setup(model_name, batch, device)
         tag = "" if model_name == "mlp" else ", local MLP"
-        activity = ActivityGradient(model)
-
-        def backprop(model=model, optimizer=optimizer, x=x, y=y):
-            optimizer.zero_grad()
-            cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-        def perturb_activities(estimate=activity, optimizer=optimizer, x=x, y=y):
-            estimate(x, y)
-            optimizer.step()
-
-        fns[f"backprop{tag}"] = backprop
+        fns[f"backprop{tag}"] = _backprop_step(model, optimizer, x, y)
         if model_name == "mlp":
             for k in (1, num_tangents):
                 estimate = ForwardGradient(model, cross_entropy, num_tangents=k)
                 fns[f"FG-W ×{k}"] = lambda e=estimate, o=optimizer, x=x, y=y: forward_step(e, o, x, y)
-            fns["FG-A"] = perturb_activities
+            fns["FG-A"] = _activity_step(model, optimizer, x, y)
             for name, in_place in (("SPSA ×1", False), ("MeZO ×1", True)):
                 estimate = ZerothOrderGradient(model, cross_entropy, sampler="rademacher", in_place=in_place)
                 fns[name] = lambda e=estimate, o=optimizer, x=x, y=y: zeroth_step(e, o, x, y)
         else:
-            fns["LG-FG-A"] = perturb_activities
+            fns["LG-FG-A"] = _activity_step(model, optimizer, x, y)
     return fns
 
 
-def measure_estimators(batch: int = 64, repeats: int = 30, warmup: int = 5, device: str = "auto") -> pd.DataFrame:
-    """Median ms of a training step of every estimator (``estimator_steps``) and its ratio
-    to the MLP's backprop step."""
+def convnet_estimator_steps(batch: int, device: torch.device) -> dict[str, Callable[[], object]]:
+    """The ConvNet's training steps, keyed by name (plain SGD, Rademacher tangents):
+    backprop, weight perturbation (FG-W), activity perturbation on every convolution's
+    and linear layer's output (FG-A), and on the ``LocalConvNet`` its local losses
+    (LG-FG-A) and backprop of the same model."""
+    fns = {}
+    model, optimizer, x, y = _setup("convnet", batch, device)
+    fns["backprop"] = _backprop_step(model, optimizer, x, y)
+    estimate = ForwardGradient(model, cross_entropy)
+    fns["FG-W ×1"] = lambda: forward_step(estimate, optimizer, x, y)
+    fns["FG-A"] = _activity_step(model, optimizer, x, y)
+    local, local_optimizer, x, y = _setup("local_convnet", batch, device)
+    fns["LG-FG-A"] = _activity_step(local, local_optimizer, x, y)
+    fns["backprop, local ConvNet"] = _backprop_step(local, local_optimizer, x, y)
+    return fns
+
+
+def _backprop_step(model, optimizer, x, y) -> Callable[[], None]:
+    def step():
+        optimizer.zero_grad()
+        cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def _activity_step(model, optimizer, x, y) -> Callable[[], None]:
+    estimate = ActivityGradient(model)
+
+    def step():
+        estimate(x, y)
+        optimizer.step()
+    return step
+
+
+ESTIMATOR_MODELS = {"mlp": estimator_steps, "convnet": convnet_estimator_steps}
+
+
+def measure_estimators(batch: int = 64, repeats: int = 30, warmup: int = 5, device: str = "auto",
+                       model: str = "mlp") -> pd.DataFrame:
+    """Median ms of a training step of every estimator on ``model`` (``"mlp"``:
+    ``estimator_steps``; ``"convnet"``: ``convnet_estimator_steps``) and its ratio to
+    that model's backprop step."""
+    check_choice("model", model, tuple(ESTIMATOR_MODELS))
     dev = pick_device(device)
-    ms = median_ms(estimator_steps(batch, dev), repeats, warmup, dev)
+    ms = median_ms(ESTIMATOR_MODELS[model](batch, dev), repeats, warmup, dev)
     frame = pd.DataFrame({"ms": ms})
     frame["× backprop step"] = frame["ms"] / ms["backprop"]
     frame.index.name = f"batch {batch}"
@@ -386,10 +416,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\nMedian milliseconds per call ({torch.get_num_threads()} threads):")
     print(steps.round(3).T.to_string())
     if "estimators" not in args.skip:
-        estimators = measure_estimators(args.batch[0], args.repeats, args.warmup, args.device)
-        results["estimators"] = _frame_to_json(estimators)
-        print(f"\nA training step of each estimator, batch {args.batch[0]} (plain SGD; fgtutor.activity):")
-        print(estimators.round(3).to_string())
+        for model in ESTIMATOR_MODELS:
+            estimators = measure_estimators(args.batch[0], args.repeats, args.warmup, args.device, model)
+            results["estimators" if model == "mlp" else f"estimators_{model}"] = _frame_to_json(estimators)
+            print(f"\nA training step of each estimator on the {model}, batch {args.batch[0]} "
+                  "(plain SGD; fgtutor.activity):")
+            print(estimators.round(3).to_string())
     sampling = measure_sampling(repeats=args.repeats, warmup=args.warmup, device=args.device)
     results["sampling"] = sampling.to_dict()
     print("\nMedian milliseconds to draw one MLP-sized tangent (1,863,690 numbers):")

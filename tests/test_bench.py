@@ -44,6 +44,17 @@ def test_measure_estimators_times_a_step_of_every_estimator_against_backprop():
     assert frame.loc["FG-A", "× backprop step"] == pytest.approx(frame.loc["FG-A", "ms"] / frame.loc["backprop", "ms"])
 
 
+def test_measure_estimators_on_the_convnet_times_activity_perturbation_of_convolutions_and_local_losses():
+    frame = bench.measure_estimators(batch=2, repeats=1, warmup=0, device="cpu", model="convnet")
+    assert list(frame.index) == ["backprop", "FG-W ×1", "FG-A", "LG-FG-A", "backprop, local ConvNet"]
+    assert (frame["ms"] > 0).all() and frame.loc["backprop", "× backprop step"] == 1
+
+
+def test_measure_estimators_refuses_a_model_it_has_no_estimators_for():
+    with pytest.raises(ValueError, match="model"):
+        bench.measure_estimators(batch=2, repeats=1, warmup=0, device="cpu", model="logreg")
+
+
 def test_measure_memory_probes_each_method_in_a_fresh_process():
     memory = bench.measure_memory(["logreg"], (4,), device="cpu", progress=None)
     row = memory.loc[("logreg", 4)]
