@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import seeded
-from fgtutor.activity import ActivityGradient, activity_jvp, reference_gradient, supports
+from fgtutor.activity import ActivityGradient, activity_jvp, reference_gradient, supports, tied_max_pool2d
 from fgtutor.data import load_mnist
 from fgtutor.forward import ForwardGradient
 from fgtutor.models import MLP, ConvNet, LocalConvNet, LocalMLP, make_model, normalize_maps, patch_means
@@ -406,6 +406,52 @@ def closed_form_variance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sam
         if sampler == "rademacher":
             variance = variance - 2 * (g.pow(2) * patch_norms).sum()
     return variance.item()
+
+
+# --- max-pooling: ties that rounding cannot break differently -------------------------------
+
+@pytest.mark.parametrize("args", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                  dict(kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True),
+                                  dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1), ceil_mode=True)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_tied_max_pool2d_is_max_pool2d_where_nothing_ties(args, layout):
+    h = torch.randn(3, 4, 12, 13, generator=torch.Generator().manual_seed(0), dtype=torch.double)
+    h = h.contiguous(memory_format=layout)
+    out, indices = tied_max_pool2d(h, **args)
+    expected, expected_indices = F.max_pool2d(h, **args, return_indices=True)
+    assert torch.equal(out, expected) and torch.equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("args", [dict(kernel_size=2), dict(kernel_size=2, ceil_mode=True)])  # fast and general way
+def test_tied_max_pool2d_takes_the_first_entry_of_a_window_equal_to_its_maximum_up_to_rounding(args):
+    h = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.double)
+    h[..., :4, :4] = 0.5  # a constant region, as MNIST's background makes one
+    h[..., :4, :4] += 1e-16 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.double)
+    out, indices = tied_max_pool2d(h, **args)
+    assert torch.equal(out, F.max_pool2d(h, 2))
+    rows, cols = torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")
+    assert torch.equal(indices[..., :2, :2], (rows * 2 * 8 + cols * 2).expand(2, 3, 2, 2))  # each window's corner
+    assert torch.equal(indices[..., 2:, 2:], F.max_pool2d(h, 2, return_indices=True)[1][..., 2:, 2:])
+
+
+def test_the_convnet_estimate_does_not_change_with_rounding_in_constant_regions():
+    # a ConvNet on images with a constant background, and the same ConvNet with its weights
+    # moved by rounding (what another CPU's kernels do): the same tangents must give the
+    # same estimate to rounding, not a different argmax in every tied pooling window
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((8, 1, 28, 28), -0.42, dtype=torch.double)
+    x[:, :, 8:20, 10:18] += torch.rand(8, 1, 12, 8, generator=g, dtype=torch.double) * 3
+    y = torch.randint(0, 10, (8,), generator=g)
+    model = convnet(0).double()
+    moved = convnet(0).double()
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.mul_(1 + 1e-15 * torch.randn(p.shape, generator=g, dtype=torch.double))
+    grads = []
+    for m in (model, moved):
+        ActivityGradient(m, sampler="gaussian", generator=torch.Generator().manual_seed(2))(x, y)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert (grads[0] - grads[1]).norm() <= 1e-9 * grads[0].norm()
 
 
 @pytest.mark.parametrize("sampler", ["gaussian", "rademacher"])
