@@ -24,6 +24,7 @@ count. Timings live here, never in tests.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -253,6 +254,27 @@ def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler
     step can reach; ``method="zeroth"`` is a MeZO step (in place, fused SGD; Rademacher directions unless
     ``sampler`` is ``"gaussian"``)."""
     dev = pick_device(device)
+    # one step of a throwaway copy first: the kernels' code and the libraries' workspaces
+    # (a first call pages in megabytes of libtorch) are then resident for every method alike,
+    # and what is measured is what a step of training allocates, its persistent buffers
+    # (.grad, p.grad of an estimate) included, since the measured model starts cold
+    _probe_step(model_name, method, batch, dev, sampler)()
+    gc.collect()
+    step = _probe_step(model_name, method, batch, dev, sampler)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        step()
+        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+    before = _rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    step()
+    return _rss_mb("VmHWM") - before
+
+
+def _probe_step(model_name: str, method: str, batch: int, dev: torch.device, sampler: str) -> Callable[[], None]:
+    """One training step of ``method`` on a fresh model and batch (see ``_probe_memory``)."""
     model, optimizer, x, y = _setup(model_name, batch, dev)
     if method == "zeroth":
         estimate = ZerothOrderGradient(model, cross_entropy, in_place=True,
@@ -274,16 +296,7 @@ def _probe_memory(model_name: str, method: str, batch: int, device: str, sampler
             optimizer.step()
         synchronize(dev)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-        step()
-        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
-    before = _rss_mb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-    step()
-    return _rss_mb("VmHWM") - before
+    return step
 
 
 MEMORY_METHODS = ("backprop", "forward", "zeroth", "inference")
