@@ -28,8 +28,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# MNIST, and Fashion-MNIST for fine-tuning (zeroth.ipynb): torchvision's download, else
+# Debian's dataset-fashion-mnist, installed with apt-get when it is not there yet
 data: setup
 	$(PYTHON) -m fgtutor.mnist
+	@$(PYTHON) -m fgtutor.mnist --dataset fashion_mnist || { \
+	  echo "make data: installing Debian's $(FASHION_DEB) with apt-get"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { $(SUDO) apt-get install -y -qq $(FASHION_DEB) || { $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq $(FASHION_DEB); }; } && $(PYTHON) -m fgtutor.mnist --dataset fashion_mnist; }
 
 # MathJax for offline pages (fgtutor/mathjax.py): `npm pack mathjax@3.2.2`, checksummed,
 # cached beside MNIST. Without it the pages load MathJax from a CDN, and the build says so.
@@ -54,6 +61,7 @@ check-book: setup browser
 
 # Debian's headless Chromium (a browser download, as `playwright install` does, is never
 # needed); FGTUTOR_CHROMIUM=/path/to/chromium uses another one
+FASHION_DEB := dataset-fashion-mnist
 SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 browser:
 	@if [ -n "$$FGTUTOR_CHROMIUM" ] || command -v chromium-headless-shell >/dev/null 2>&1 \

@@ -314,6 +314,18 @@ def make_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"model {name!r} does not take {', '.join(map(repr, kwargs))}: {exc}") from exc
 
 
+def train_only_last_layer(model: nn.Module) -> nn.Module:
+    """Freeze every weight but those of the model's last ``nn.Linear`` (``requires_grad``
+    off), as fine-tuning only the head does; returns the model."""
+    check_type("model", model, nn.Module, "a torch.nn.Module, e.g. fgtutor.models.MLP()")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to train on its own.")
+    model.requires_grad_(False)
+    linears[-1].requires_grad_(True)
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars in ``model``."""
     check_type("model", model, nn.Module, "a torch.nn.Module")

@@ -61,13 +61,13 @@ with warnings.catch_warnings():
     from tqdm.auto import tqdm
 
 from . import __version__
-from .data import INPUTS, load_mnist, prepare_inputs, train_val_split
+from .data import INPUTS, load_fashion_mnist, load_mnist, prepare_inputs, train_val_split
 from .forward import SAMPLERS
-from .models import MODELS
+from .models import MODELS, train_only_last_layer
 from .optim import check_schedule
 from .train import ALL_METHODS, EPS, OPTIMIZERS, PERTURB, History, train_model
 from .zeroth import SAMPLERS as ZEROTH_SAMPLERS, check_eps
-from .utils import atomic_write, check_choice, check_positive, check_type
+from .utils import atomic_write, check_choice, check_positive, check_type, kept_rng
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPLAY_STEPS = 100     # step losses kept exactly, for the replay check
@@ -87,9 +87,17 @@ DEFAULTS = {
 #: settings added after the first stored runs. A configuration holds them only when they
 #: differ from these defaults, so that the runs stored before them keep their keys.
 #: ``eps`` is the finite-difference step of ``method="zeroth"``: a setting of no other method.
-LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights", "inputs": "raw", "lr_schedule": "exp", "eps": EPS}
+#: Fine-tuning: ``dataset`` is what the run trains and is evaluated on, ``pretrain`` the
+#: configuration of a run whose final weights it starts from (trained again, in float64,
+#: by ``pretrained_state``), and ``trainable`` the weights it trains: all, or the last layer.
+LATER_DEFAULTS = {"optimizer": "sgd", "perturb": "weights", "inputs": "raw", "lr_schedule": "exp", "eps": EPS,
+                  "dataset": "mnist", "pretrain": None, "trainable": "all"}
 #: settings of the data, not of training: ``config_data`` applies them, ``fit_kwargs`` leaves them out
-DATA_SETTINGS = ("inputs",)
+DATA_SETTINGS = ("inputs", "dataset")
+#: settings of the initial model: ``model_constructor`` applies them, ``fit_kwargs`` leaves them out
+MODEL_SETTINGS = ("pretrain", "trainable")
+DATASETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist}
+TRAINABLE = ("all", "last")
 EVAL_SETS = ("val", "test")
 FORWARD_ONLY = ("sampler", "num_tangents", "clip")
 #: the methods that estimate the gradient from random directions, and so take FORWARD_ONLY
@@ -125,6 +133,9 @@ def run_config(**settings) -> dict:
     check_choice("optimizer", c["optimizer"], OPTIMIZERS)
     check_choice("perturb", c["perturb"], PERTURB)
     check_choice("inputs", c["inputs"], INPUTS)
+    check_choice("dataset", c["dataset"], tuple(DATASETS))
+    check_choice("trainable", c["trainable"], TRAINABLE)
+    c["pretrain"] = _check_pretrain(c["pretrain"], c["model"], c["model_kwargs"])
     check_schedule(c["lr_schedule"], c["decay"])
     if c["optimizer"] == "adam" and c["momentum"]:
         raise ValueError(f"momentum={c['momentum']} is an SGD setting: use momentum=0 with optimizer='adam'.")
@@ -137,8 +148,8 @@ def run_config(**settings) -> dict:
     for name in ("seed", "split_seed"):
         check_positive(name, c[name], allow_zero=True, integer=True)
     if c["n_train"] + c["n_val"] > 60_000:
-        raise ValueError(f"n_train={c['n_train']} and n_val={c['n_val']} add up to more than MNIST's "
-                         "60,000 training images.")
+        raise ValueError(f"n_train={c['n_train']} and n_val={c['n_val']} add up to more than the "
+                         f"60,000 training images of {c['dataset']}.")
     if not isinstance(c["model_kwargs"], dict):
         raise ValueError(f"model_kwargs={c['model_kwargs']!r} is not allowed: use a dict, e.g. {{'padding': 1}}.")
     takes = inspect.signature(MODELS[c["model"]]).parameters
@@ -175,6 +186,22 @@ def run_config(**settings) -> dict:
         if c[name] == default:
             del c[name]
     return c
+
+
+def _check_pretrain(pretrain, model: str, model_kwargs) -> Optional[dict]:
+    """``pretrain`` as a complete run configuration of the same network (or None)."""
+    if pretrain is None:
+        return None
+    check_type("pretrain", pretrain, dict, "the settings of the run to start from, e.g. "
+               "{'model': 'mlp', 'method': 'backprop', 'lr': 0.1}")
+    pretrain = run_config(**pretrain)
+    if (pretrain["model"], pretrain["model_kwargs"]) != (model, model_kwargs):
+        raise ValueError(f"pretrain trains model {pretrain['model']!r} {pretrain['model_kwargs']}, this run "
+                         f"{model!r} {model_kwargs}: a run starts from the weights of the same network.")
+    if pretrain.get("pretrain") is not None:
+        raise ValueError("pretrain is itself fine-tuned (it has a pretrain setting): start from a run trained "
+                         "from scratch.")
+    return pretrain
 
 
 def run_key(config: dict) -> str:
@@ -221,10 +248,12 @@ def store_roots(root: Union[str, Path, None] = None) -> tuple[list[Path], Option
 
 
 def run_path(config: dict, root: Union[str, Path, None] = None) -> Path:
-    """Where the run of ``config`` is stored: ``<root>/<model>/<method>-<key>.json.gz``."""
+    """Where the run of ``config`` is stored: ``<root>/<model>/<method>-<key>.json.gz``
+    (``<model>_<dataset>/`` for a dataset other than MNIST)."""
     check_type("config", config, dict, "a run configuration: a dict from run_config(...)")
     root = Path(root) if root is not None else default_root()
-    return root / config["model"] / f"{config['method']}-{run_key(config)}.json.gz"
+    folder = config["model"] + (f"_{config['dataset']}" if "dataset" in config else "")
+    return root / folder / f"{config['method']}-{run_key(config)}.json.gz"
 
 
 def describe(config: dict) -> str:
@@ -233,7 +262,12 @@ def describe(config: dict) -> str:
     config = run_config(**config)
     extra = "".join(f" {k}={v}" for k, v in config["model_kwargs"].items())
     extra += "".join(f" {k}={config[k]}" for k in ("momentum", "clip") if config[k])
-    extra += "".join(f" {config[k]}" for k in LATER_DEFAULTS if k in config and k != "eps")
+    extra += "".join(f" {config[k]}" for k in LATER_DEFAULTS if k in config and k not in ("eps", "pretrain", "trainable"))
+    if config.get("trainable", "all") != "all":
+        extra += f" training the {config['trainable']} layer"
+    if config.get("pretrain"):
+        p = config["pretrain"]
+        extra += f" from {p['method']} on {p.get('dataset', 'mnist')} ({p['epochs']} epochs, seed {p['seed']})"
     if config["method"] in ESTIMATORS and (config["sampler"] != "rademacher" or config["num_tangents"] != 1):
         extra += f" {config['sampler']}×{config['num_tangents']}"
     if config["method"] == "zeroth":
@@ -344,18 +378,20 @@ def _load_path(path: Path) -> History:
 # Training a configuration
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=2)
-def _mnist(train: bool):
-    return load_mnist(train=train)
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, train: bool):
+    return DATASETS[name](train=train)
 
 
 def config_data(config: dict) -> tuple[tuple, dict]:
-    """The training set and evaluation sets a configuration names, from MNIST in memory,
-    every one prepared the same way (``inputs``: raw or standardized pixels)."""
-    X, Y = _mnist(True)
+    """The training set and evaluation sets a configuration names, from its dataset (MNIST
+    unless ``dataset`` says otherwise) in memory, every one prepared the same way
+    (``inputs``: raw or pixels standardized with MNIST's statistics)."""
+    dataset = config.get("dataset", LATER_DEFAULTS["dataset"])
+    X, Y = _dataset(dataset, True)
     (X_train, Y_train), val = train_val_split(X, Y, n_val=config["n_val"], seed=config["split_seed"])
     train = (X_train[:config["n_train"]], Y_train[:config["n_train"]])
-    sets = {"val": val, "test": _mnist(False) if "test" in config["eval_sets"] else None}
+    sets = {"val": val, "test": _dataset(dataset, False) if "test" in config["eval_sets"] else None}
     inputs = config.get("inputs", LATER_DEFAULTS["inputs"])
     prepared = {name: (prepare_inputs(sets[name][0], inputs), sets[name][1]) for name in config["eval_sets"]}
     return (prepare_inputs(train[0], inputs), train[1]), prepared
@@ -367,13 +403,50 @@ def fit_kwargs(config: dict) -> dict:
                   batch_size=config["batch_size"], seed=config["seed"], schedule_every=config["schedule_every"])
     if config["method"] in ESTIMATORS:
         kwargs.update({k: config[k] for k in FORWARD_ONLY})
-    kwargs.update({k: config[k] for k in LATER_DEFAULTS if k in config and k not in DATA_SETTINGS})
+    kwargs.update({k: config[k] for k in LATER_DEFAULTS
+                   if k in config and k not in DATA_SETTINGS and k not in MODEL_SETTINGS})
     return kwargs
 
 
 def model_constructor(config: dict):
-    """A zero-argument constructor of the configuration's model (``train_model`` seeds, then builds)."""
-    return functools.partial(MODELS[config["model"]], **config["model_kwargs"])
+    """A zero-argument constructor of the configuration's model (``train_model`` seeds, then
+    builds): a fresh network, or for a fine-tuning run the weights its ``pretrain`` run ended
+    with, all of them trainable or (``trainable="last"``) only the last layer."""
+    build = functools.partial(MODELS[config["model"]], **config["model_kwargs"])
+    pretrain, trainable = config.get("pretrain"), config.get("trainable", "all")
+    if pretrain is None and trainable == "all":
+        return build
+    return functools.partial(_fine_tuning_model, build, json.dumps(pretrain, sort_keys=True), trainable)
+
+
+def _fine_tuning_model(build, pretrain_json: str, trainable: str) -> torch.nn.Module:
+    model = build()  # its random weights are drawn (and overwritten): the seed's stream is the same for all runs
+    if pretrain_json != "null":
+        model.load_state_dict(pretrained_state(pretrain_json))  # cast to the model's dtype
+    return train_only_last_layer(model) if trainable == "last" else model
+
+
+@functools.lru_cache(maxsize=2)
+def pretrained_state(pretrain_json: str) -> dict[str, torch.Tensor]:
+    """The final weights of the run whose configuration ``pretrain_json`` holds (canonical
+    JSON), trained again here, on the CPU, in float64, with the random number generators
+    left as they were (a fine-tuning run's own seed still decides its batches).
+
+    Float64, so that every CPU computes the same weights: float32 training on two CPUs
+    drifts apart by far more than the replay check's tolerance, while the float64 weights
+    agree to ~1e-13 and round to the same float32 numbers (but perhaps a handful)."""
+    config = json.loads(pretrain_json)
+    (X, Y), _ = config_data({**config, "eval_sets": []})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with kept_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            model, _ = train_model(model_constructor(config), config["method"], (X.double(), Y), {}, progress=False,
+                                   device="cpu", **fit_kwargs(config))
+    finally:
+        torch.set_default_dtype(default)
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
 def checkpoint_path(config: dict, root: Union[str, Path, None] = None) -> Path:

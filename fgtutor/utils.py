@@ -102,6 +102,19 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: use one of {', '.join(map(repr, allowed))}.")
 
 
+@contextlib.contextmanager
+def kept_rng():
+    """Run the block with Python's, NumPy's and PyTorch's random number generators put back
+    as they were afterwards (CPU and every GPU), so that what it draws changes no later draw."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
 def seed_everything(seed: int) -> int:
     """Seed Python, NumPy and PyTorch (CPU and every GPU) from one integer; returns it.
 

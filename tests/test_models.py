@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgtutor.models import (MLP, MODELS, ConvNet, LocalConvNet, LogisticRegression, Net, count_parameters, init_,
-                            make_model, patch_ids, patch_means)
+                            make_model, patch_ids, patch_means, train_only_last_layer)
 
 
 @pytest.mark.parametrize("factory", [LogisticRegression, MLP, lambda: ConvNet(padding=0), lambda: ConvNet(padding=1)],
@@ -207,3 +207,16 @@ def test_kaiming_init_works_on_a_local_convnet():
 def test_local_convnet_refuses_bad_arguments_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LocalConvNet(**kwargs)
+
+
+@pytest.mark.parametrize("factory, head", [(MLP, "5."), (ConvNet, "13.")])
+def test_train_only_last_layer_freezes_all_but_the_last_linear_layer(factory, head):
+    model = train_only_last_layer(factory())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == [f"{head}weight", f"{head}bias"]
+    assert count_parameters(model) == 10_250
+
+
+def test_train_only_last_layer_needs_a_linear_layer():
+    with pytest.raises(ValueError, match="no nn.Linear layer"):
+        train_only_last_layer(nn.Sequential(nn.Flatten()))

@@ -109,7 +109,12 @@ def test_a_run_with_adam_and_activity_perturbation_trains_stores_and_replays(roo
     ({"model": "resnet"}, "model='resnet' is not allowed"),
     ({"method": "adjoint"}, "method='adjoint' is not allowed"),
     ({"eval_sets": ["train"]}, "eval_sets entry='train' is not allowed"),
-    ({"n_train": 59_500}, "more than MNIST's 60,000"),
+    ({"n_train": 59_500}, "more than the 60,000 training images of mnist"),
+    ({"dataset": "cifar10"}, "dataset='cifar10' is not allowed"),
+    ({"trainable": "first"}, "trainable='first' is not allowed"),
+    ({"pretrain": 3}, "pretrain=3 is not allowed"),
+    ({"pretrain": {"model": "mlp"}}, "a run starts from the weights of the same network"),
+    ({"pretrain": {**TINY, "pretrain": TINY}}, "start from a run trained from scratch"),
     ({"method": "forward", "sampler": "uniform"}, "sampler='uniform' is not allowed"),
 ])
 def test_bad_settings_are_named(settings, message):
@@ -318,3 +323,49 @@ def test_the_initialisation_is_a_model_setting_with_its_own_key_and_replayed_wei
 def test_a_model_setting_the_model_does_not_take_is_refused_before_training():
     with pytest.raises(ValueError, match="model 'logreg' takes no settings"):
         run_config(**TINY, model_kwargs={"init": "kaiming"})
+
+
+# -- fine-tuning: another dataset, from a pretrained run's weights -------------------------
+
+PRETRAIN = dict(model="mlp", method="backprop", lr=0.1, epochs=1, n_train=256, n_val=1000, eval_sets=["val"])
+FINE_TUNE = dict(PRETRAIN, method="forward", lr=1e-3, dataset="fashion_mnist", pretrain=PRETRAIN)
+
+
+def test_a_fine_tuning_run_starts_from_the_pretrained_weights_in_its_own_folder():
+    config = run_config(**FINE_TUNE)
+    assert run_path(config, "r").parent.name == "mlp_fashion_mnist"
+    assert config["pretrain"] == run_config(**PRETRAIN)  # complete, so its defaults are in the key
+    model = store.model_constructor(config)()
+    state = store.pretrained_state(json.dumps(config["pretrain"], sort_keys=True))
+    assert all(state[name].dtype == torch.float64 for name in state)  # trained in float64 on every CPU
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), state[name].float()), name
+    scratch = store.model_constructor(run_config(**PRETRAIN))()
+    assert not torch.equal(scratch[1].weight, model[1].weight)
+
+
+def test_pretraining_leaves_the_random_number_generators_alone():
+    """A fine-tuning run's own seed decides its batches and tangents: pretraining, done
+    inside the constructor after the seed is set, must not move the generators."""
+    config = run_config(**dict(FINE_TUNE, pretrain=dict(PRETRAIN, seed=7)))
+    store.pretrained_state.cache_clear()
+    torch.manual_seed(0)
+    store.model_constructor(config)()  # pretrains
+    after_pretraining = torch.rand(3)
+    torch.manual_seed(0)
+    store.model_constructor(config)()  # cached: only draws the fresh model's weights
+    assert torch.equal(torch.rand(3), after_pretraining)
+
+
+def test_training_only_the_last_layer_leaves_every_other_weight_as_pretrained(root):
+    config = run_config(**dict(FINE_TUNE, trainable="last"))
+    assert "training the last layer from backprop on mnist" in store.describe(config)
+    net, history = store.train_model(store.model_constructor(config), "forward", *store.config_data(config),
+                                     progress=False, **store.fit_kwargs(config))
+    state = store.pretrained_state(json.dumps(config["pretrain"], sort_keys=True))
+    for name, p in net.named_parameters():
+        assert p.requires_grad == name.startswith("5."), name
+        assert torch.equal(p.detach(), state[name].float()) != p.requires_grad, name  # only the head moved
+    stored, = train_runs([config], root=root, progress=False)
+    assert stored.epochs[-1]["val_loss"] == history.epochs[-1]["val_loss"]  # the store trains the same run
+    assert check_replay(run_path(config, root), steps=3)["exact"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgtutor.utils import check_positive, make_generator, pick_device, seed_everything
+from fgtutor.utils import check_positive, kept_rng, make_generator, pick_device, seed_everything
 
 
 @pytest.fixture
@@ -125,3 +125,14 @@ def test_check_writable_refuses_folders_the_input_itself_and_read_only_places(tm
     with pytest.raises(ValueError, match="is the input itself"):
         check_writable("output", tmp_path / "in.ipynb", not_same_as=tmp_path / "." / "in.ipynb")
     assert check_writable("output", tmp_path / "new" / "out.ipynb") == tmp_path / "new" / "out.ipynb"
+
+
+def test_kept_rng_puts_every_generator_back_after_its_block(restore_rng):
+    seed_everything(5)
+    expected = (torch.randn(3), np.random.rand(2), random.random())
+    seed_everything(5)
+    with kept_rng():
+        seed_everything(99)
+        torch.randn(10), np.random.rand(10), random.random()
+    assert torch.equal(torch.randn(3), expected[0])
+    assert np.array_equal(np.random.rand(2), expected[1]) and random.random() == expected[2]
