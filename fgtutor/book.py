@@ -107,6 +107,8 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "recipe_backprop_lrs": _list_of(check_positive, "[1e-4, 1e-3]"),
         "local_lrs": _list_of(check_positive, "[3e-4, 1e-3]"),
         "zeroth_lrs": _list_of(check_positive, "[1e-4, 3e-4]"),
+        "finetune_forward_lrs": _list_of(check_positive, "[1e-3, 1e-2]"),
+        "finetune_backprop_lrs": _list_of(check_positive, "[0.01, 0.1]"),
         "eps_grid": _list_of(check_positive, "[1e-4, 1e-3]"),
         "eps_values": _list_of(check_positive, "[1e-6, 1e-3]"),
         "memory_batches": _list_of(_positive_int, "[64, 4096]"),
@@ -120,11 +122,11 @@ def _rules() -> dict[str, Callable[[str, Any], None]]:
         "clipped_seeds": lambda name, value: check_seeds(name, value),
         "target_accuracy": _fraction,
     }
-    rules.update(dict.fromkeys(("lr", "forward_lr", "backprop_lr", "beale_lr", "rosenbrock_lr", "strong_lr"), check_positive))
+    rules.update(dict.fromkeys(("lr", "forward_lr", "backprop_lr", "pretrain_lr", "beale_lr", "rosenbrock_lr", "strong_lr"), check_positive))
     rules.update(dict.fromkeys(("beale_start", "rosenbrock_start", "sample_point"), _point))
     rules.update(dict.fromkeys((
         "epochs", "logreg_epochs", "schedule_epochs", "analysis_epochs", "short_epochs", "search_epochs",
-        "final_epochs", "fgw_epochs", "fgw_search_epochs", "strong_epochs", "batch_size", "large_batch", "n_train", "short_n_train", "search_n_train", "n_val",
+        "final_epochs", "fgw_epochs", "pretrain_epochs", "finetune_epochs", "finetune_search_epochs", "pretrain_n_train", "fgw_search_epochs", "strong_epochs", "batch_size", "large_batch", "n_train", "short_n_train", "search_n_train", "n_val",
         "smooth", "max_rates", "eps_draws", "n_shuffles", "num_tangents", "cosine_draws", "warm_steps", "repeats", "loading_images", "beale_steps", "rosenbrock_steps", "n_arrows"),
         _positive_int))
     return rules
@@ -147,7 +149,7 @@ def check_parameters(namespace: dict) -> Any:
         if name in namespace:
             check(name, namespace[name])
     n_val = namespace.get("n_val", 0)
-    for name in ("n_train", "short_n_train", "search_n_train"):
+    for name in ("n_train", "short_n_train", "search_n_train", "pretrain_n_train"):
         if name in namespace and namespace[name] + n_val > 60_000:
             raise ValueError(f"{name}={namespace[name]} and n_val={n_val} add up to more than MNIST's 60,000 "
                              "training images: lower one of them.")

@@ -36,7 +36,8 @@ TINY = {
                "activity_lrs": [1e-4, 1e-3], "n_train": 256, "seeds": [0, 1]},
     "zeroth": {"epochs": 1, "search_epochs": 1, "n_train": 256, "n_val": 500, "seeds": [0, 1], "max_rates": 3,
                "eps_values": [1e-4, 1e-3, 1e-2], "eps_draws": 1, "cosine_draws": 2, "repeats": 2, "warmup": 1,
-               "memory_batches": [64]},
+               "memory_batches": [64], "pretrain_n_train": 256, "finetune_epochs": 1,
+               "finetune_forward_lrs": [1e-3, 1e-2], "finetune_backprop_lrs": [0.01, 0.1]},
     "rank1": {"models": ["mlp", "convnet"], "repeats": 2, "warmup": 1, "epochs": 1, "n_train": 256, "seeds": [0, 1]},
 }
 GLUE_REF = re.compile(r"\{glue(?::text)?\}`([A-Za-z0-9_]+)")
