@@ -49,7 +49,7 @@ import torch
 
 from . import store
 from .train import train_model
-from .utils import check_positive, check_type
+from .utils import check_positive, check_type, default_dtype
 
 FINGERPRINT_STEPS = 20
 #: the fingerprint's tolerance (relative): measured cross-kernel noise is below 4e-13
@@ -155,12 +155,8 @@ def fingerprint(config: dict, steps: int = FINGERPRINT_STEPS) -> dict:
     start: dict = {}
 
     def build() -> torch.nn.Module:
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
+        with default_dtype(torch.float64):
             model = store.model_constructor(config)()
-        finally:
-            torch.set_default_dtype(default)
         start["theta"] = _vector(model).clone()
         return model
 

@@ -67,7 +67,7 @@ from .models import MODELS, train_only_last_layer
 from .optim import check_schedule
 from .train import ALL_METHODS, EPS, OPTIMIZERS, PERTURB, History, train_model
 from .zeroth import SAMPLERS as ZEROTH_SAMPLERS, check_eps
-from .utils import atomic_write, check_choice, check_positive, check_type, kept_rng
+from .utils import atomic_write, check_choice, check_positive, check_type, default_dtype, kept_rng
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPLAY_STEPS = 100     # step losses kept exactly, for the replay check
@@ -416,12 +416,13 @@ def model_constructor(config: dict):
     pretrain, trainable = config.get("pretrain"), config.get("trainable", "all")
     if pretrain is None and trainable == "all":
         return build
-    return functools.partial(_fine_tuning_model, build, json.dumps(pretrain, sort_keys=True), trainable)
+    pretrain_json = json.dumps(pretrain, sort_keys=True) if pretrain is not None else None
+    return functools.partial(_fine_tuning_model, build, pretrain_json, trainable)
 
 
-def _fine_tuning_model(build, pretrain_json: str, trainable: str) -> torch.nn.Module:
+def _fine_tuning_model(build, pretrain_json: Optional[str], trainable: str) -> torch.nn.Module:
     model = build()  # its random weights are drawn (and overwritten): the seed's stream is the same for all runs
-    if pretrain_json != "null":
+    if pretrain_json is not None:
         model.load_state_dict(pretrained_state(pretrain_json))  # cast to the model's dtype
     return train_only_last_layer(model) if trainable == "last" else model
 
@@ -437,15 +438,10 @@ def pretrained_state(pretrain_json: str) -> dict[str, torch.Tensor]:
     agree to ~1e-13 and round to the same float32 numbers (but perhaps a handful)."""
     config = json.loads(pretrain_json)
     (X, Y), _ = config_data({**config, "eval_sets": []})
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        with kept_rng(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            model, _ = train_model(model_constructor(config), config["method"], (X.double(), Y), {}, progress=False,
-                                   device="cpu", **fit_kwargs(config))
-    finally:
-        torch.set_default_dtype(default)
+    with default_dtype(torch.float64), kept_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model, _ = train_model(model_constructor(config), config["method"], (X.double(), Y), {}, progress=False,
+                               device="cpu", **fit_kwargs(config))
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 

@@ -103,6 +103,18 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 @contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Run the block with ``dtype`` as torch's default floating-point type (new modules and
+    tensors are made in it), and put the previous default back afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
 def kept_rng():
     """Run the block with Python's, NumPy's and PyTorch's random number generators put back
     as they were afterwards (CPU and every GPU), so that what it draws changes no later draw."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgtutor.utils import check_positive, kept_rng, make_generator, pick_device, seed_everything
+from fgtutor.utils import check_positive, default_dtype, kept_rng, make_generator, pick_device, seed_everything
 
 
 @pytest.fixture
@@ -136,3 +136,13 @@ def test_kept_rng_puts_every_generator_back_after_its_block(restore_rng):
         torch.randn(10), np.random.rand(10), random.random()
     assert torch.equal(torch.randn(3), expected[0])
     assert np.array_equal(np.random.rand(2), expected[1]) and random.random() == expected[2]
+
+
+def test_default_dtype_holds_inside_its_block_and_is_put_back_even_after_an_error():
+    before = torch.get_default_dtype()
+    with default_dtype(torch.float64):
+        assert torch.zeros(1).dtype == torch.float64
+    assert torch.get_default_dtype() == before
+    with pytest.raises(RuntimeError), default_dtype(torch.float64):
+        raise RuntimeError("inside")
+    assert torch.get_default_dtype() == before
